@@ -1,0 +1,5 @@
+import sys
+
+from safe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Audio loading: soundfile decode -> mono -> soxr resample -> crop/zero-pad to a fixed clip (DESIGN §3).
+
+Only the needed window is read from disk (seek + read), so a long recording costs one clip of decode.
+A file that cannot give real samples raises AudioLoadError; it is never replaced by silence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from safe.errors import SafeError
+
+
+class AudioLoadError(SafeError):
+    """A missing, empty, corrupt or non-finite audio file."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    frames: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    path = Path(path)
+    if not path.is_file():
+        raise AudioLoadError(f"audio file {path} does not exist")
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # libsndfile reports corrupt/unknown formats with several exception types
+        raise AudioLoadError(f"cannot decode {path}: {exc}") from None
+    if info.frames <= 0:
+        raise AudioLoadError(f"audio file {path} has no samples")
+    return AudioInfo(frames=info.frames, sample_rate=info.samplerate, channels=info.channels)
+
+
+def crop_or_pad(samples: np.ndarray, length: int, start: int = 0) -> np.ndarray:
+    """Return exactly `length` samples from `start`, zero-padding the tail of a short clip."""
+    window = samples[start : start + length]
+    if window.shape[0] < length:
+        window = np.pad(window, (0, length - window.shape[0]))
+    return window
+
+
+def load_audio(
+    path: str | Path,
+    sample_rate: int,
+    clip_seconds: float,
+    *,
+    random_crop: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Decode `path` to a mono float32 clip of exactly round(sample_rate * clip_seconds) samples.
+
+    Evaluation (random_crop=False) takes the first window; training takes a random window of a longer clip,
+    drawn from `rng` so that a seeded run is reproducible.
+    """
+    if random_crop and rng is None:
+        raise ValueError("random_crop needs an rng so that crops are reproducible")
+    info = audio_info(path)
+    clip_samples = int(round(sample_rate * clip_seconds))
+    source_clip = int(math.ceil(clip_seconds * info.sample_rate))
+    start = 0
+    if random_crop and info.frames > source_clip:
+        start = int(rng.integers(0, info.frames - source_clip + 1))
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            if start:
+                handle.seek(start)
+            data = handle.read(frames=min(source_clip, info.frames - start), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioLoadError(f"cannot decode {path}: {exc}") from None
+    if data.shape[0] == 0:
+        raise AudioLoadError(f"audio file {path} has no samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioLoadError(f"audio file {path} contains NaN or infinite samples")
+    if info.sample_rate != sample_rate:
+        mono = soxr.resample(mono, info.sample_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    return np.ascontiguousarray(crop_or_pad(mono, clip_samples), dtype=np.float32)

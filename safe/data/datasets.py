@@ -1,0 +1,226 @@
+"""Map-style datasets over the JSONL manifests of DESIGN §3, and the collate that batches them.
+
+Rows are held as a small index (dicts); media are decoded on access. A sample whose media cannot be read is
+returned as a `{"kind": "bad", ...}` record (or raises, with on_bad_sample="error"); the collate drops it and
+reports it in `batch["skipped"]`, so the count survives DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from safe.data.audio import AudioLoadError, load_audio
+from safe.data.images import ImageLoadError, load_image
+from safe.data.manifest import ManifestError, check_row, find_split, iter_jsonl, resolve_media_path
+from safe.errors import SafeError
+
+BAD_SAMPLE_POLICIES = ("skip", "error")
+
+
+class BadSampleError(SafeError):
+    """A sample could not be loaded and the policy is on_bad_sample='error'."""
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in BAD_SAMPLE_POLICIES:
+        raise SafeError(f"on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, not {policy!r}.")
+
+
+class _ManifestDataset(Dataset):
+    """Shared plumbing: manifest discovery, row checks, path resolution, bad-sample policy."""
+
+    dataset_name = ""
+    row_kind = ""
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        split: str,
+        on_bad_sample: str = "skip",
+        max_samples: int | None = None,
+        allow_outside_paths: bool = False,
+    ):
+        _check_policy(on_bad_sample)
+        self.data_root = Path(data_root)
+        self.split = split
+        self.on_bad_sample = on_bad_sample
+        self.allow_outside_paths = allow_outside_paths
+        self.manifest_path = find_split(self.data_root, self.dataset_name, split)
+        rows = []
+        for number, row in iter_jsonl(self.manifest_path):
+            where = f"{self.manifest_path}:{number}"
+            check_row(row, self.row_kind, where)
+            row["_where"] = where
+            rows.append(row)
+        rows = self._build_items(rows)
+        if max_samples is not None:
+            rows = rows[:max_samples]
+        if not rows:
+            raise ManifestError(f"{self.manifest_path} has no rows: the {self.dataset_name} {split} split is empty.")
+        self.items = rows
+
+    def _build_items(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def resolve(self, row: dict, key: str) -> Path:
+        try:
+            return resolve_media_path(row[key], self.manifest_path, self.data_root, self.allow_outside_paths)
+        except ManifestError as exc:
+            raise ManifestError(f"{row['_where']}: {exc}") from None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _bad(self, item_id, path: Path, exc: Exception) -> dict:
+        if self.on_bad_sample == "error":
+            raise BadSampleError(f"sample {item_id} ({path}): {exc}") from None
+        return {"kind": "bad", "id": item_id, "path": str(path), "reason": str(exc)}
+
+
+class _AudioDataset(_ManifestDataset):
+    """Audio-caption rows; training crops a random window drawn from (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        split: str = "train",
+        sample_rate: int = 16000,
+        clip_seconds: float = 10.0,
+        training: bool | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        self.sample_rate = sample_rate
+        self.clip_seconds = clip_seconds
+        self.training = split == "train" if training is None else training
+        self.seed = seed
+        self.epoch = 0
+        super().__init__(data_root, split, **kwargs)
+        # Resolve every path up front so an escaping or absolute path fails at start, not mid-epoch.
+        for item in self.items:
+            item["path"] = self.resolve(item, "audio_path")
+
+    def set_epoch(self, epoch: int) -> None:
+        """New random crops each epoch (a DataLoader without persistent workers re-pickles the dataset)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.training else None
+        try:
+            audio = load_audio(item["path"], self.sample_rate, self.clip_seconds, random_crop=self.training, rng=rng)
+        except AudioLoadError as exc:
+            return self._bad(item["id"], item["path"], exc)
+        return {
+            "kind": "audio",
+            "id": item["id"],
+            "audio": audio,
+            "caption": item["references"][0],
+            "references": list(item["references"]),
+            "audio_path": str(item["path"]),
+        }
+
+
+class AudioCapsDataset(_AudioDataset):
+    """AudioCaps: train has one caption per row; val/test yield one item per clip with all its references."""
+
+    dataset_name = "audiocaps"
+    row_kind = "audiocaps"
+
+    def _build_items(self, rows: list[dict]) -> list[dict]:
+        if self.training:
+            items = []
+            for row in rows:
+                captions = [row["caption"]] if "caption" in row else list(row["captions"])
+                items.extend({**row, "references": [caption]} for caption in captions)
+            return items
+        # Evaluation: group one-caption-per-row files by clip, keeping first-seen order.
+        groups: OrderedDict = OrderedDict()
+        for row in rows:
+            key = (row.get("youtube_id", row["audio_path"]), row.get("start_time"))
+            captions = list(row["captions"]) if "captions" in row else [row["caption"]]
+            if key in groups:
+                groups[key]["references"].extend(captions)
+            else:
+                groups[key] = {**row, "references": captions}
+        return list(groups.values())
+
+
+class WavCapsDataset(_AudioDataset):
+    """WavCaps training rows; `ratio` keeps a fixed, seeded fraction of them (DESIGN §3)."""
+
+    dataset_name = "wavcaps"
+    row_kind = "wavcaps"
+
+    def __init__(self, data_root: str | Path, split: str = "train", ratio: float = 1.0, **kwargs):
+        if not 0.0 < ratio <= 1.0:
+            raise SafeError(f"--wavcaps-ratio must be in (0, 1], not {ratio}.")
+        self.ratio = ratio
+        super().__init__(data_root, split, **kwargs)
+
+    def _build_items(self, rows: list[dict]) -> list[dict]:
+        for row in rows:
+            row["references"] = [row["caption"]]
+        if self.ratio >= 1.0:
+            return rows
+        keep = max(1, int(round(self.ratio * len(rows))))
+        chosen = np.random.default_rng(self.seed).permutation(len(rows))[:keep]
+        return [rows[i] for i in sorted(chosen)]
+
+
+class VQADataset(_ManifestDataset):
+    """VQA v2 rows: image, question and the 10 human answers."""
+
+    dataset_name = "vqa"
+    row_kind = "vqa"
+
+    def __init__(self, data_root: str | Path, split: str = "train", **kwargs):
+        super().__init__(data_root, split, **kwargs)
+        for item in self.items:
+            item["path"] = self.resolve(item, "image_path")
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        try:
+            image = load_image(item["path"])
+        except ImageLoadError as exc:
+            return self._bad(item["question_id"], item["path"], exc)
+        answers = list(item["answers"])
+        return {
+            "kind": "vl",
+            "id": item["question_id"],
+            "image": image,
+            "question": item["question"],
+            "answers": answers,
+            "multiple_choice_answer": item.get("multiple_choice_answer", answers[0]),
+            "answer_type": item.get("answer_type"),
+            "image_path": str(item["path"]),
+        }
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """Batch homogeneous samples; bad records are dropped and listed under `skipped`."""
+    good = [item for item in items if item["kind"] != "bad"]
+    skipped = [item for item in items if item["kind"] == "bad"]
+    kinds = {item["kind"] for item in good}
+    if len(kinds) > 1:
+        raise ValueError(f"a batch must be homogeneous, got kinds {sorted(kinds)}")
+    kind = kinds.pop() if kinds else None
+    batch = {"kind": kind, "ids": [item["id"] for item in good], "skipped": skipped, "size": len(good)}
+    if kind == "audio":
+        batch["audio"] = torch.from_numpy(np.stack([item["audio"] for item in good]))
+        batch["captions"] = [item["caption"] for item in good]
+        batch["references"] = [item["references"] for item in good]
+        batch["audio_paths"] = [item["audio_path"] for item in good]
+    elif kind == "vl":
+        batch["images"] = [item["image"] for item in good]
+        batch["questions"] = [item["question"] for item in good]
+        batch["answers"] = [item["answers"] for item in good]
+        batch["multiple_choice_answers"] = [item["multiple_choice_answer"] for item in good]
+        batch["answer_types"] = [item["answer_type"] for item in good]
+    return batch

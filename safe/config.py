@@ -1,0 +1,236 @@
+"""Run configuration: dataclasses with validation, retention variants, YAML + CLI overrides (DESIGN §5, §7, §8).
+
+`RunConfig` is what `config.json` records: every field, resolved, so two runs compare field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safe.errors import SafeError
+
+DEFAULT_DATA_ROOT = "experiments/full_training/data"
+DEFAULT_OUTPUT_ROOT = "experiments/full_training/runs"
+
+# Which retention mechanisms each variant switches on (DESIGN §5). Weights are defaults, overridable.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no_retention": {"use_vl": False, "kl_weight": 0.0, "fisher_weight": 0.0, "null_space_rank": 0},
+    "soft_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 0.0, "null_space_rank": 0},
+    "fisher_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 1.0, "null_space_rank": 0},
+    "nullspace_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 0.0, "null_space_rank": 8},
+    "full_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 1.0, "null_space_rank": 8},
+}
+
+# The user's earlier preset names keep working (DESIGN §8).
+PRESET_ALIASES = {"full": "llava-1.5-13b", "demo": "tiny"}
+PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b")
+
+
+def check_variant(name: str) -> str:
+    if name not in VARIANTS:
+        raise SafeError(f"Unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.")
+    return name
+
+
+def canonical_preset(name: str) -> str:
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        known = ", ".join(PRESETS + tuple(PRESET_ALIASES))
+        raise SafeError(f"Unknown model config {name!r}; choose one of: {known}.")
+    return name
+
+
+@dataclass
+class DataConfig:
+    data_root: str = DEFAULT_DATA_ROOT
+    use_wavcaps: bool = False
+    wavcaps_ratio: float = 1.0
+    on_bad_sample: str = "skip"
+    allow_outside_paths: bool = False
+    num_workers: int = 2
+    max_audio_eval_samples: int | None = 500
+    max_vl_eval_samples: int | None = 500
+    audio_eval_split: str = "val"
+    vl_eval_split: str = "val"
+
+    def validate(self) -> None:
+        if self.use_wavcaps and not 0.0 < self.wavcaps_ratio <= 1.0:
+            raise SafeError(f"--wavcaps-ratio must be in (0, 1], not {self.wavcaps_ratio}.")
+        if self.on_bad_sample not in ("skip", "error"):
+            raise SafeError(f"--on-bad-sample must be skip or error, not {self.on_bad_sample!r}.")
+        if self.num_workers < 0:
+            raise SafeError("--num-workers must be >= 0.")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    base_model: str | None = None  # hub id or local path overriding the preset's base
+    audio_encoder: str | None = None  # "clap", "whisper", "tiny-conv" or a path/hub id
+    fusion: str = "xattn"
+    lora_rank: int = 0
+    num_audio_tokens: int | None = None  # None: the preset's default
+    xattn_layers: list[int] | None = None  # None: spread over depth
+
+    def validate(self) -> None:
+        self.preset = canonical_preset(self.preset)
+        if self.fusion not in ("xattn", "prefix"):
+            raise SafeError(f"--fusion must be xattn or prefix, not {self.fusion!r}.")
+        if self.lora_rank < 0:
+            raise SafeError("--lora-rank must be >= 0.")
+
+
+@dataclass
+class RetentionConfig:
+    use_vl: bool = True
+    kl_weight: float = 1.0
+    kl_temperature: float = 2.0
+    fisher_weight: float = 0.0
+    fisher_refresh: int = 50
+    fisher_batches: int = 2
+    null_space_rank: int = 0
+    null_space_refresh: int = 50
+    null_space_batches: int = 4
+    distractor_prob: float = 1.0
+    vl_fraction: float = 0.5  # share of micro-batches that are VL retention batches
+
+    def validate(self) -> None:
+        for name in ("kl_weight", "fisher_weight", "kl_temperature"):
+            if getattr(self, name) < 0:
+                raise SafeError(f"--{name.replace('_', '-')} must be >= 0.")
+        if not 0.0 <= self.distractor_prob <= 1.0:
+            raise SafeError("--distractor-prob must be in [0, 1].")
+        if self.use_vl and not 0.0 < self.vl_fraction < 1.0:
+            raise SafeError("--vl-fraction must be in (0, 1) for variants with retention.")
+        if self.null_space_rank < 0 or self.fisher_refresh < 1 or self.null_space_refresh < 1:
+            raise SafeError("--null-space-rank must be >= 0 and refresh intervals >= 1.")
+
+
+@dataclass
+class TrainConfig:
+    variant: str = "soft_retention"
+    seed: int = 42
+    output_root: str = DEFAULT_OUTPUT_ROOT
+    run_name: str | None = None  # default <YYYYmmdd_HHMMSS>_<variant>
+    train_batch_size: int = 8
+    val_batch_size: int = 16
+    num_epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides num_epochs when set
+    gradient_accumulation_steps: int = 1
+    lr_projector: float = 2e-4
+    lr_adapter: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None  # None: 5% of the optimizer steps
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    eval_every: int | None = None  # optimizer steps; None: at the end only
+    save_every: int | None = None  # optimizer steps; None: with every evaluation and at the end
+    log_every: int = 10
+    generation_max_new_tokens: int = 32
+    num_beams: int = 1
+    max_consecutive_nonfinite: int = 10
+    bf16: bool = True  # autocast on CUDA only
+    gradient_checkpointing: bool = False
+    resume: str | None = None  # "auto" (latest in output dir) or a run directory
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_variant(self.variant)
+        positive = ("train_batch_size", "val_batch_size", "num_epochs", "gradient_accumulation_steps",
+                    "generation_max_new_tokens", "num_beams", "max_consecutive_nonfinite", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SafeError(f"--{name.replace('_', '-')} must be >= 1.")
+        for name in ("max_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SafeError(f"--{name.replace('_', '-')} must be >= 1.")
+        if self.lr_projector <= 0 or self.lr_adapter <= 0:
+            raise SafeError("Learning rates must be > 0.")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        for part in (self.data, self.model, self.retention, self.train):
+            part.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        config = cls()
+        apply_overrides(config, values, source="config")
+        return config
+
+
+SECTIONS = ("data", "model", "retention", "train")
+
+
+def field_index() -> dict[str, str]:
+    """Map every field name to its section (names are unique across sections)."""
+    index = {}
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(RunConfig(), section)):
+            index[f.name] = section
+    return index
+
+
+def apply_overrides(config: RunConfig, values: dict, source: str) -> None:
+    """Set fields from a nested ({"train": {...}}) or flat ({"seed": 1}) mapping; unknown keys are errors."""
+    index = field_index()
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            apply_overrides(config, value, source)
+            continue
+        if key not in index:
+            raise SafeError(f"Unknown setting {key!r} in {source}; known settings: {', '.join(sorted(index))}.")
+        setattr(getattr(config, index[key]), key, value)
+
+
+def apply_variant_defaults(config: RunConfig, explicit: set[str]) -> None:
+    """Fill the variant's retention switches and weights, except those the user set explicitly."""
+    for key, value in VARIANTS[check_variant(config.train.variant)].items():
+        if key not in explicit:
+            setattr(config.retention, key, value)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SafeError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SafeError(f"Config file {path} is not valid YAML: {exc}.") from None
+    if not isinstance(values, dict):
+        raise SafeError(f"Config file {path} must hold a mapping of settings.")
+    return values
+
+
+def build_config(yaml_values: dict | None = None, cli_values: dict | None = None) -> RunConfig:
+    """Defaults < variant defaults < YAML file < command-line flags, then validated."""
+    config = RunConfig()
+    yaml_values = yaml_values or {}
+    cli_values = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    flat_yaml = {}
+    for key, value in yaml_values.items():
+        flat_yaml.update(value if key in SECTIONS and isinstance(value, dict) else {key: value})
+    variant = cli_values.get("variant", flat_yaml.get("variant", config.train.variant))
+    config.train.variant = check_variant(variant)
+    apply_variant_defaults(config, explicit=set(flat_yaml) | set(cli_values))
+    apply_overrides(config, flat_yaml, source="the config file")
+    apply_overrides(config, cli_values, source="the command line")
+    return config.validate()

@@ -1,0 +1,108 @@
+"""Run directory outputs (DESIGN §7): config.json at start, atomic metrics.json, train_log.jsonl, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("safe", "torch", "transformers", "peft", "tokenizers", "safetensors", "soundfile", "soxr",
+            "numpy", "pycocoevalcap")
+
+
+def new_run_dir(output_root: str | Path, variant: str, run_name: str | None = None) -> Path:
+    """`<root>/<YYYYmmdd_HHMMSS>_<variant>`; a same-second collision gets a numeric suffix, never a reuse."""
+    root = Path(output_root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = run_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{variant}"
+    candidate, n = root / base, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = root / f"{base}_{n}"
+
+
+def _json_safe(value):
+    """NaN/inf are not JSON: write them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: str | Path, payload) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_json_safe(payload), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "git_commit": git_commit()}
+
+
+class RunLogger:
+    """Append-only train log; one JSON object per line, flushed so a crash keeps what was logged.
+
+    `sinks` receive the same records (e.g. TensorBoard), so every tracker sees exactly what the log holds.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, sinks: list | None = None):
+        self.path = Path(run_dir) / "train_log.jsonl"
+        self.enabled = enabled
+        self.sinks = sinks or []
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = _json_safe({"time": round(time.time(), 3), **record})
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

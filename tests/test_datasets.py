@@ -156,3 +156,21 @@ def test_collate_refuses_mixed_batches(audio_root, tmp_path):
     assert isinstance(batch["audio"], torch.Tensor) and batch["audio"].shape == (2, 1600)
     with pytest.raises(ValueError, match="homogeneous"):
         collate_samples([audio_item, {"kind": "vl", "id": 1}])
+
+
+def test_toy_world_loads_with_zero_skips(toy_world):
+    datasets = [
+        AudioCapsDataset(toy_world, "train", sample_rate=16000, clip_seconds=4.0),
+        AudioCapsDataset(toy_world, "val", sample_rate=16000, clip_seconds=4.0),
+        AudioCapsDataset(toy_world, "test", sample_rate=16000, clip_seconds=4.0),
+        WavCapsDataset(toy_world, "train", sample_rate=16000, clip_seconds=4.0),
+        VQADataset(toy_world, "train"),
+        VQADataset(toy_world, "val"),
+    ]
+    for ds in datasets:
+        loader = DataLoader(ds, batch_size=8, collate_fn=collate_samples)
+        batches = list(loader)
+        assert sum(len(b["skipped"]) for b in batches) == 0
+        assert sum(b["size"] for b in batches) == len(ds)
+    val = datasets[1]
+    assert all(len(item["references"]) == 5 for item in val.items)

@@ -1,0 +1,39 @@
+import pytest
+
+from safe.config import VARIANTS, build_config, canonical_preset, load_yaml
+from safe.errors import SafeError
+
+
+def test_variant_defaults_and_overrides():
+    config = build_config(cli_values={"variant": "no_retention"})
+    assert not config.retention.use_vl and config.retention.kl_weight == 0.0
+    config = build_config(cli_values={"variant": "full_retention", "fisher_weight": 3.0})
+    assert config.retention.use_vl and config.retention.fisher_weight == 3.0
+    assert config.retention.null_space_rank == VARIANTS["full_retention"]["null_space_rank"]
+
+
+def test_yaml_values_are_overridden_by_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seed: 7\n  lr_adapter: 0.5\nkl_weight: 2.0\nvariant: fisher_retention\n")
+    config = build_config(load_yaml(path), {"seed": 9, "lr_projector": None})
+    assert config.train.seed == 9 and config.train.lr_adapter == 0.5
+    assert config.retention.kl_weight == 2.0 and config.train.variant == "fisher_retention"
+    assert config.train.lr_projector == 2e-4  # None on the command line means "not given"
+
+
+def test_bad_values_are_one_sentence_errors(tmp_path):
+    with pytest.raises(SafeError, match="Unknown variant 'nope'; choose one of: no_retention"):
+        build_config(cli_values={"variant": "nope"})
+    with pytest.raises(SafeError, match="Unknown setting 'sed'"):
+        build_config({"sed": 1})
+    with pytest.raises(SafeError, match="train-batch-size"):
+        build_config(cli_values={"train_batch_size": 0})
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(SafeError, match="not valid YAML"):
+        load_yaml(tmp_path / "bad.yaml")
+
+
+def test_preset_aliases():
+    assert canonical_preset("full") == "llava-1.5-13b" and canonical_preset("demo") == "tiny"
+    with pytest.raises(SafeError, match="Unknown model config"):
+        canonical_preset("gpt")

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from safe.errors import SafeError
 
-# (command path, module, help). Modules are imported only when their command is used or help is built.
+# (command path, module, help). A module is imported only when its command is used.
 COMMANDS = [
     (("train",), "safe.training.cli", "train one Stage A variant"),
     (("sweep",), "safe.training.sweep", "train several variants in sequence and compare them"),
     (("eval",), "safe.eval.cli", "evaluate a run's checkpoint"),
     (("caption",), "safe.inference", "caption audio files with a trained run"),
+    (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),
     (("data", "prepare"), "safe.data.prepare", "convert official AudioCaps/VQA/WavCaps files to manifests"),
@@ -28,17 +28,21 @@ COMMANDS = [
 ]
 
 
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _chosen(argv: list[str]) -> tuple[str, ...]:
+    """The command path named on the command line (only that module is imported, keeping start-up light)."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for path, _, _ in COMMANDS:
+        if tuple(words[: len(path)]) == path:
+            return path
+    return ()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safe", description="SAFE Stage A: audio for a frozen LLaVA.")
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
+    chosen = _chosen(argv)
     for path, module, help_text in COMMANDS:
-        if not _available(module):
-            continue
         subparsers = top
         if len(path) == 2:
             if path[0] not in groups:
@@ -46,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = group.add_subparsers(dest="subcommand", required=True)
             subparsers = groups[path[0]]
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
-        importlib.import_module(module).configure(sub)
+        if path == chosen:
+            importlib.import_module(module).configure(sub)
         sub.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SafeError as exc:

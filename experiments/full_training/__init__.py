@@ -1,0 +1,1 @@
+"""Full-scale Stage A experiment: data staging and training entry points."""

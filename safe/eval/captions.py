@@ -227,7 +227,7 @@ def _spice_score(gts: dict, res: dict) -> tuple[float | None, str | None]:
     return float(score), None
 
 
-def caption_metrics(predictions, references) -> dict:
+def caption_metrics(predictions, references, cider_only: bool = False) -> dict:
     """Corpus-level captioning metrics on the 0-100 scale.
 
     predictions: dict id -> caption, or a list of captions.
@@ -235,6 +235,8 @@ def caption_metrics(predictions, references) -> dict:
                  extra ids are ignored), or a list of reference lists aligned with predictions.
     Returns {"bleu_1".."bleu_4", "meteor", "rouge_l", "cider", "spice", "spider", "n", "note"};
     spice/spider are None (and note explains) when SPICE cannot run, note is None otherwise.
+    cider_only=True computes just {"cider", "n"} (the muted control needs no more, and METEOR's start-up
+    is most of the cost).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -265,6 +267,9 @@ def caption_metrics(predictions, references) -> dict:
                             f"(punctuation only); give at least one real reference.")
         gts[i] = kept
 
+    if cider_only:
+        cider, _ = Cider().compute_score(gts, res)
+        return {"cider": 100.0 * float(cider), "n": len(ids)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)  # one call over the whole set: IDF from all refs

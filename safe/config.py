@@ -53,6 +53,8 @@ class DataConfig:
     on_bad_sample: str = "skip"
     allow_outside_paths: bool = False
     num_workers: int = 2
+    feature_cache: bool = True  # cache frozen audio-encoder outputs on disk
+    feature_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/features or ~/.cache/safe/features
     max_audio_eval_samples: int | None = 500
     max_vl_eval_samples: int | None = 500
     audio_eval_split: str = "val"
@@ -177,6 +179,8 @@ class RunConfig:
 
 
 SECTIONS = ("data", "model", "retention", "train")
+# Other names users' files and flags have for a setting.
+KEY_ALIASES = {"model_config": "preset"}
 
 
 def field_index() -> dict[str, str]:
@@ -195,6 +199,7 @@ def apply_overrides(config: RunConfig, values: dict, source: str) -> None:
         if key in SECTIONS and isinstance(value, dict):
             apply_overrides(config, value, source)
             continue
+        key = KEY_ALIASES.get(key, key)
         if key not in index:
             raise SafeError(f"Unknown setting {key!r} in {source}; known settings: {', '.join(sorted(index))}.")
         setattr(getattr(config, index[key]), key, value)

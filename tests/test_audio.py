@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from safe.data.audio import AudioLoadError, audio_info, load_audio
+from safe.data.audio import AudioLoadError, audio_info, load_audio, window_starts
 
 
 @pytest.mark.parametrize("ext,subtype", [("wav", "PCM_16"), ("wav", "FLOAT"), ("flac", "PCM_16"),
@@ -46,13 +46,26 @@ def test_eval_takes_first_window_and_training_crops_are_seeded(tmp_path):
     np.testing.assert_array_equal(first, ramp[:16000])
     a = load_audio(tmp_path / "ramp.wav", 16000, 1.0, random_crop=True, rng=np.random.default_rng(7))
     b = load_audio(tmp_path / "ramp.wav", 16000, 1.0, random_crop=True, rng=np.random.default_rng(7))
-    c = load_audio(tmp_path / "ramp.wav", 16000, 1.0, random_crop=True, rng=np.random.default_rng(8))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    start = int(np.argmin(np.abs(ramp - a[0])))
-    np.testing.assert_array_equal(a, ramp[start : start + 16000])
+    starts = window_starts(16000 * 4, 16000)
+    seen = set()
+    for seed in range(20):
+        crop = load_audio(tmp_path / "ramp.wav", 16000, 1.0, random_crop=True, rng=np.random.default_rng(seed))
+        start = int(np.argmin(np.abs(ramp - crop[0])))
+        assert start in starts
+        np.testing.assert_array_equal(crop, ramp[start : start + 16000])
+        seen.add(start)
+    assert len(seen) >= 4  # real augmentation: many windows are drawn
     with pytest.raises(ValueError, match="rng"):
         load_audio(tmp_path / "ramp.wav", 16000, 1.0, random_crop=True)
+
+
+def test_window_starts_cover_the_clip_with_a_bounded_fixed_set():
+    assert window_starts(100, 100) == [0] and window_starts(50, 100) == [0]
+    starts = window_starts(16000 * 4, 16000)
+    assert starts[0] == 0 and starts[-1] == 16000 * 3 and len(starts) == 7
+    assert all(b - a <= 8000 for a, b in zip(starts, starts[1:]))  # half-overlapping windows
+    assert len(window_starts(48000 * 600, 48000 * 10)) == 8  # a long recording: at most 8 windows
 
 
 def test_missing_corrupt_empty_and_nan_files_raise(tmp_path, tone_writer):

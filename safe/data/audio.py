@@ -64,6 +64,32 @@ def downmix(frames: np.ndarray) -> np.ndarray:
     return mono
 
 
+MAX_WINDOWS = 8
+
+
+def window_starts(frames: int, window: int) -> list[int]:
+    """Start frames of the training crops of a clip: one window when it fits, else a fixed set of
+    half-overlapping windows (at most MAX_WINDOWS) from the start to the very end.
+
+    A fixed set instead of any offset keeps random-crop augmentation while making every crop cacheable
+    (DESIGN §10): the frozen encoder's output for (clip, window) never changes.
+    """
+    if frames <= window:
+        return [0]
+    count = min(MAX_WINDOWS, math.ceil((frames - window) / (window / 2)) + 1)
+    return [round(i * (frames - window) / (count - 1)) for i in range(count)]
+
+
+def choose_window(info: AudioInfo, clip_seconds: float, random_crop: bool, rng: np.random.Generator | None) -> int:
+    """Index into window_starts: 0 (the first window) for evaluation, a seeded draw for training."""
+    if not random_crop:
+        return 0
+    if rng is None:
+        raise ValueError("random_crop needs an rng so that crops are reproducible")
+    starts = window_starts(info.frames, int(math.ceil(clip_seconds * info.sample_rate)))
+    return int(rng.integers(len(starts)))
+
+
 def load_audio(
     path: str | Path,
     sample_rate: int,
@@ -71,20 +97,19 @@ def load_audio(
     *,
     random_crop: bool = False,
     rng: np.random.Generator | None = None,
+    window_index: int | None = None,
 ) -> np.ndarray:
     """Decode `path` to a mono float32 clip of exactly round(sample_rate * clip_seconds) samples.
 
-    Evaluation (random_crop=False) takes the first window; training takes a random window of a longer clip,
-    drawn from `rng` so that a seeded run is reproducible.
+    Evaluation (random_crop=False) takes the first window; training takes one of `window_starts` drawn from
+    `rng` (so a seeded run is reproducible), or the window given by `window_index`.
     """
-    if random_crop and rng is None:
-        raise ValueError("random_crop needs an rng so that crops are reproducible")
     info = audio_info(path)
+    if window_index is None:
+        window_index = choose_window(info, clip_seconds, random_crop, rng)
     clip_samples = int(round(sample_rate * clip_seconds))
     source_clip = int(math.ceil(clip_seconds * info.sample_rate))
-    start = 0
-    if random_crop and info.frames > source_clip:
-        start = int(rng.integers(0, info.frames - source_clip + 1))
+    start = window_starts(info.frames, source_clip)[window_index]
     try:
         with sf.SoundFile(str(path)) as handle:
             if start:

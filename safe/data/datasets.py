@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from safe.data.audio import AudioLoadError, load_audio
+from safe.data.audio import AudioLoadError, audio_info, choose_window, load_audio
 from safe.data.images import ImageLoadError, load_image
 from safe.data.manifest import ManifestError, check_row, find_split, iter_jsonl, resolve_media_path
 from safe.errors import SafeError
@@ -100,6 +100,7 @@ class _AudioDataset(_ManifestDataset):
         self.training = split == "train" if training is None else training
         self.seed = seed
         self.epoch = 0
+        self.feature_cache = None  # a FeatureCache, set once the encoder is known
         super().__init__(data_root, split, **kwargs)
         # Resolve every path up front so an escaping or absolute path fails at start, not mid-epoch.
         for item in self.items:
@@ -112,18 +113,19 @@ class _AudioDataset(_ManifestDataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.training else None
+        sample = {"kind": "audio", "id": item["id"], "caption": item["references"][0],
+                  "references": list(item["references"]), "audio_path": str(item["path"])}
         try:
-            audio = load_audio(item["path"], self.sample_rate, self.clip_seconds, random_crop=self.training, rng=rng)
+            window = choose_window(audio_info(item["path"]), self.clip_seconds, self.training, rng)
+            sample["window"] = window
+            if self.feature_cache is not None:
+                features = self.feature_cache.get(item["path"], window)
+                if features is not None:  # the frozen encoder's output: no decode needed
+                    return {**sample, "features": features}
+            audio = load_audio(item["path"], self.sample_rate, self.clip_seconds, window_index=window)
         except AudioLoadError as exc:
             return self._bad(item["id"], item["path"], exc)
-        return {
-            "kind": "audio",
-            "id": item["id"],
-            "audio": audio,
-            "caption": item["references"][0],
-            "references": list(item["references"]),
-            "audio_path": str(item["path"]),
-        }
+        return {**sample, "audio": audio}
 
 
 class AudioCapsDataset(_AudioDataset):
@@ -213,7 +215,15 @@ def collate_samples(items: list[dict]) -> dict:
     kind = kinds.pop() if kinds else None
     batch = {"kind": kind, "ids": [item["id"] for item in good], "skipped": skipped, "size": len(good)}
     if kind == "audio":
-        batch["audio"] = torch.from_numpy(np.stack([item["audio"] for item in good]))
+        # Items come decoded ("audio") or, from the feature cache, encoded ("features"); each part is stacked
+        # with the batch positions it fills.
+        audio_index = [i for i, item in enumerate(good) if "audio" in item]
+        feature_index = [i for i, item in enumerate(good) if "features" in item]
+        batch["audio"] = torch.from_numpy(np.stack([good[i]["audio"] for i in audio_index])) if audio_index else None
+        batch["audio_index"] = audio_index
+        batch["features"] = torch.stack([good[i]["features"] for i in feature_index]) if feature_index else None
+        batch["feature_index"] = feature_index
+        batch["windows"] = [item["window"] for item in good]
         batch["captions"] = [item["caption"] for item in good]
         batch["references"] = [item["references"] for item in good]
         batch["audio_paths"] = [item["audio_path"] for item in good]

@@ -1,0 +1,131 @@
+"""Cross-run comparison: one row per run from its config.json + metrics.json; markdown, CSV and PNG.
+
+Used by `safe sweep` at the end of a sweep and by `safe report RUNS...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+from safe.errors import SafeError
+
+# (column, source, key): source is "validation", "training" or "throughput" in metrics.json.
+COLUMNS = [
+    ("run", None, None),
+    ("variant", "training", "variant"),
+    ("steps", "training", "step"),
+    ("cider_d", "validation", "audio_cider"),
+    ("spider", "validation", "audio_spider"),
+    ("meteor", "validation", "audio_meteor"),
+    ("cider_muted", "validation", "audio_cider_muted"),
+    ("audio_gain", "validation", "audio_gain"),
+    ("vqa_base", "validation", "vl_base_accuracy"),
+    ("vqa_safe", "validation", "vl_safe_accuracy"),
+    ("vqa_distractor", "validation", "vl_safe_distractor_accuracy"),
+    ("vl_delta", "validation", "vl_delta"),
+    ("vl_distractor_delta", "validation", "vl_distractor_delta"),
+    ("gate0_exact", "validation", "gate0_exact"),
+    ("samples_per_s", "throughput", "samples_per_second"),
+]
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders given directly, or found one level below a runs folder (those with a metrics.json)."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "metrics.json").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            runs.extend(sorted(p.parent for p in path.glob("*/metrics.json")))
+        else:
+            raise SafeError(f"{path} is neither a run folder (with metrics.json) nor a folder of runs.")
+    if not runs:
+        raise SafeError(f"No run with a metrics.json under {', '.join(map(str, paths))}; train one first.")
+    return runs
+
+
+def run_row(run_dir: Path) -> dict:
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SafeError(f"{run_dir / 'metrics.json'} is not valid JSON ({exc.msg}).") from None
+    row = {}
+    for column, source, key in COLUMNS:
+        row[column] = run_dir.name if source is None else metrics.get(source, {}).get(key)
+    return row
+
+
+def _format(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    names = [c for c, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_format(row[n]) for n in names) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[c for c, _, _ in COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def comparison_plot(rows: list[dict], path: Path) -> Path:
+    """Retention (distractor VQA delta) against audio quality (CIDEr-D), one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        if row["cider_d"] is None or row["vl_distractor_delta"] is None:
+            continue
+        ax.scatter(row["cider_d"], row["vl_distractor_delta"], s=60)
+        ax.annotate(row["variant"] or row["run"], (row["cider_d"], row["vl_distractor_delta"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("audio captioning CIDEr-D (0-100)")
+    ax.set_ylabel("VQA accuracy with distractor audio − base (points)")
+    ax.set_title("Retention vs audio quality")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(runs: list[Path], out_dir: Path) -> dict:
+    rows = [run_row(run) for run in runs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(markdown_table(rows))
+    (out_dir / "comparison.csv").write_text(csv_table(rows))
+    comparison_plot(rows, out_dir / "comparison.png")
+    return {"rows": rows, "markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
+            "png": out_dir / "comparison.png"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: ./report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = write_report(find_runs(args.runs), args.out or Path("report"))
+    print(report["markdown"].read_text(), end="")
+    print(f"written: {report['markdown']}, {report['csv']}, {report['png']}")
+    return 0

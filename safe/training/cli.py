@@ -1,0 +1,83 @@
+"""`safe train` / `run_full_training.py`: the user's flags mapped onto RunConfig (flags override --config YAML)."""
+
+from __future__ import annotations
+
+import argparse
+
+from safe.config import VARIANTS, build_config, load_yaml
+
+def _bool_flag(parser, name: str, help_text: str) -> None:
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                        default=None, help=help_text)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", help="YAML file of settings; command-line flags override it")
+    add("--variant", help=f"retention variant: {', '.join(VARIANTS)} (default soft_retention)")
+    add("--data-root", help="data folder in the layout of the README (default experiments/full_training/data)")
+    _bool_flag(parser, "use-wavcaps", "add WavCaps training rows")
+    add("--wavcaps-ratio", type=float, help="fraction of WavCaps rows used (a fixed, seeded subset)")
+    add("--output-root", help="where run folders are created (default experiments/full_training/runs)")
+    add("--run-name", help="run folder name (default <YYYYmmdd_HHMMSS>_<variant>)")
+    add("--seed", type=int)
+    add("--model-config", "--preset", dest="model_config",
+        help="model preset: tiny, llava-1.5-7b, llava-1.5-13b (aliases: demo, full)")
+    add("--base-model", help="hub id or local path of the base LLaVA, overriding the preset")
+    add("--audio-encoder", help="clap, whisper, or a hub id / local path of the audio encoder")
+    add("--fusion", choices=("xattn", "prefix"))
+    add("--lora-rank", type=int)
+    add("--num-audio-tokens", type=int)
+    add("--train-batch-size", type=int)
+    add("--val-batch-size", type=int)
+    add("--num-workers", type=int)
+    add("--num-epochs", type=int)
+    add("--max-steps", type=int, help="optimizer steps (overrides --num-epochs)")
+    add("--lr-projector", type=float)
+    add("--lr-adapter", type=float)
+    add("--weight-decay", type=float)
+    add("--warmup-steps", type=int)
+    add("--gradient-accumulation-steps", type=int)
+    add("--max-vl-eval-samples", type=int)
+    add("--max-audio-eval-samples", type=int)
+    add("--eval-every", type=int, help="evaluate every N optimizer steps (default: at the end)")
+    add("--save-every", type=int, help="checkpoint every N optimizer steps (default: with each evaluation)")
+    add("--generation-max-new-tokens", type=int)
+    add("--num-beams", type=int)
+    add("--kl-weight", type=float)
+    add("--kl-temperature", type=float)
+    add("--fisher-weight", type=float)
+    add("--fisher-refresh", type=int)
+    add("--null-space-rank", type=int)
+    add("--null-space-refresh", type=int)
+    add("--distractor-prob", type=float)
+    add("--vl-fraction", type=float, help="share of micro-batches that are VL retention batches")
+    add("--on-bad-sample", choices=("skip", "error"))
+    _bool_flag(parser, "feature-cache", "cache frozen audio-encoder outputs on disk (default on)")
+    add("--feature-cache-dir", help="feature cache folder (default $SAFE_CACHE_DIR/features)")
+    add("--log-every", type=int, help="log training figures every N optimizer steps")
+    _bool_flag(parser, "allow-outside-paths", "accept absolute or escaping media paths in manifests")
+    _bool_flag(parser, "progress", "show a progress bar")
+    add("--resume", nargs="?", const="auto",
+        help="continue the latest run of this variant under --output-root, or the run folder given")
+
+
+CONTROL_FLAGS = {"config", "command", "subcommand", "_module"}
+
+
+def config_from_args(args: argparse.Namespace):
+    values = {k: v for k, v in vars(args).items() if k not in CONTROL_FLAGS}
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
+    return build_config(yaml_values, values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from safe.training.distributed import shutdown
+    from safe.training.trainer import train  # heavy imports only when training
+
+    try:
+        result = train(config_from_args(args))
+    finally:
+        shutdown()
+    print(f"run folder: {result['run_dir']} ({result['status']} at step {result['step']})")
+    return 0

@@ -1,0 +1,113 @@
+"""Training and evaluation data for a run: datasets checked before any model is loaded, seeded batch order.
+
+Batch order is a pure function of (seed, stream, epoch), so a resumed run replays exactly the batches an
+uninterrupted one would have seen, starting from the saved position, without storing sampler state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from safe.data.datasets import AudioCapsDataset, VQADataset, WavCapsDataset, collate_samples
+from safe.errors import SafeError
+
+
+@dataclass
+class RunData:
+    audio_train: Dataset
+    audio_val: AudioCapsDataset
+    vqa_train: VQADataset | None
+    vqa_val: VQADataset
+    distractor_pool: AudioCapsDataset  # training clips in evaluation mode (first window)
+
+
+def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
+    """Open every manifest the run needs; any problem is a SafeError before a model is touched."""
+    data, seed = config.data, config.train.seed
+    from pathlib import Path
+
+    if not Path(data.data_root).is_dir():
+        raise SafeError(
+            f"Data root {data.data_root} does not exist; stage data with "
+            "`python -m experiments.full_training.download_data --audiocaps-url URL --vqa-url URL`, "
+            "pass --data-root, or try `make demo` for the toy world."
+        )
+    common = dict(on_bad_sample=data.on_bad_sample, allow_outside_paths=data.allow_outside_paths)
+    audio = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=seed, **common)
+    audio_train: Dataset = AudioCapsDataset(data.data_root, "train", training=True, **audio)
+    if data.use_wavcaps:
+        wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, **audio)
+        audio_train = ConcatDataset([audio_train, wavcaps])
+    audio_val = AudioCapsDataset(data.data_root, data.audio_eval_split, training=False,
+                                 max_samples=data.max_audio_eval_samples, **audio)
+    vqa_train = VQADataset(data.data_root, "train", **common) if config.retention.use_vl else None
+    vqa_val = VQADataset(data.data_root, data.vl_eval_split, max_samples=data.max_vl_eval_samples, **common)
+    pool = AudioCapsDataset(data.data_root, "train", training=False, **audio)
+    return RunData(audio_train, audio_val, vqa_train, vqa_val, pool)
+
+
+def rank_batches(size: int, batch_size: int, seed: int, stream: int, epoch: int, consumed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's index batches for the rest of one epoch of one stream.
+
+    The epoch's order is a seeded permutation that does not depend on the world size; each global batch of
+    batch_size × world_size positions is split into consecutive per-rank slices, and positions past the end
+    wrap around (as DistributedSampler pads). `consumed` counts global positions already used, so a run can
+    resume mid-epoch with another world size. (DistributedSampler's own order depends on the number of
+    replicas, which would make such a resume replay a different data order.)
+    """
+    order = np.random.default_rng([seed, stream, epoch]).permutation(size)
+    step = batch_size * world_size
+    batches = []
+    for start in range(consumed, size, step):
+        first = start + rank * batch_size
+        batches.append([int(order[i % size]) for i in range(first, first + batch_size)])
+    return batches
+
+
+class BatchStream:
+    """An endless, resumable stream of collated batches over a dataset: (epoch, consumed) is its state."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, stream: int, num_workers: int,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset, self.batch_size, self.seed, self.stream = dataset, batch_size, seed, stream
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.epoch, self.consumed = 0, 0
+        self._iterator = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.dataset) // (self.batch_size * self.world_size))
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.consumed, self._iterator = state["epoch"], state["consumed"], None
+
+    def _start_epoch(self) -> None:
+        for part in getattr(self.dataset, "datasets", [self.dataset]):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(self.epoch)
+        batches = rank_batches(len(self.dataset), self.batch_size, self.seed, self.stream, self.epoch,
+                               self.consumed, self.rank, self.world_size)
+        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate_samples,
+                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        self._iterator = iter(loader)
+
+    def next(self) -> dict:
+        """The next batch; rolls over to the next epoch at the end of one."""
+        while True:
+            if self._iterator is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self.epoch, self.consumed, self._iterator = self.epoch + 1, 0, None
+                continue
+            self.consumed += self.batch_size * self.world_size
+            return batch

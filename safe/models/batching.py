@@ -1,0 +1,122 @@
+"""Model batches: prompts (+ answers) as left-padded token ids, images as pixel values, audio as waveforms.
+
+Every batch is left-padded, for training and generation alike, with position ids counted from the
+first real token; so a sample's logits do not depend on how much padding its batch needed, and the
+teacher-forced and generated paths agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from safe.models.prompts import IGNORE_INDEX, caption_prompt, encode_example, expand_image_token, vqa_prompt
+
+
+@dataclass
+class SafeBatch:
+    kind: str                                   # "audio" (captioning) or "vl" (VQA)
+    input_ids: torch.Tensor                     # [B, L] left-padded
+    attention_mask: torch.Tensor                # [B, L]
+    splice_pos: torch.Tensor                    # [B] index after "USER:" in the padded row (prefix fusion)
+    labels: torch.Tensor | None = None          # [B, L], IGNORE_INDEX except answer + eos; None for generation
+    pixel_values: torch.Tensor | None = None    # [B, 3, h, w] (VL batches)
+    audio: torch.Tensor | None = None           # [B, S] waveforms at the encoder's rate
+    audio_features: torch.Tensor | None = None  # [B, T, D] frozen encoder output (e.g. from a feature cache)
+    ids: list | None = None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None or self.audio_features is not None
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return position_ids_from_mask(self.attention_mask)
+
+    def with_audio(self, audio: torch.Tensor | None = None, audio_features: torch.Tensor | None = None) -> "SafeBatch":
+        """The same batch with other (or no) audio attached, e.g. a distractor clip for a VL batch."""
+        return dataclasses.replace(self, audio=audio, audio_features=audio_features)
+
+    def without_labels(self) -> "SafeBatch":
+        return dataclasses.replace(self, labels=None)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "SafeBatch":
+        """Move tensors; ``dtype`` applies to pixel values only (ids, masks and audio keep theirs)."""
+        def move(t, cast=False):
+            if t is None:
+                return None
+            return t.to(device, dtype) if cast and dtype is not None else t.to(device)
+        return dataclasses.replace(
+            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+            splice_pos=move(self.splice_pos), labels=move(self.labels),
+            pixel_values=move(self.pixel_values, cast=True), audio=move(self.audio),
+            audio_features=move(self.audio_features))
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... from each row's first real token (what generate() computes for left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class BatchBuilder:
+    """Turns prompts, answers, images and audio into a ``SafeBatch`` for one tokenizer/processor."""
+
+    def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0):
+        self.tokenizer, self.image_processor, self.num_image_tokens = tokenizer, image_processor, num_image_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:
+        if answers is not None and len(answers) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        examples = [encode_example(self.tokenizer, p, None if answers is None else answers[i])
+                    for i, p in enumerate(prompts)]
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        splice = torch.zeros(len(examples), dtype=torch.long)
+        for row, example in enumerate(examples):
+            pad = width - len(example.input_ids)
+            ids[row, pad:] = torch.tensor(example.input_ids)
+            mask[row, pad:] = 1
+            labels[row, pad:] = torch.tensor(example.labels)
+            splice[row] = pad + example.splice_pos
+        return SafeBatch(kind=kind, input_ids=ids, attention_mask=mask, splice_pos=splice,
+                         labels=labels if answers is not None else None, **extra)
+
+    def caption_batch(self, audio: torch.Tensor | None, captions: list[str] | None = None,
+                      question: str | None = None, batch_size: int | None = None, ids=None) -> SafeBatch:
+        """Audio captioning; ``captions`` given -> training batch, else a generation batch."""
+        n = audio.shape[0] if audio is not None else (len(captions) if captions is not None else batch_size)
+        if n is None:
+            raise ValueError("caption_batch needs audio, captions or batch_size")
+        return self.encode("audio", [caption_prompt(question)] * n, captions, audio=audio, ids=ids)
+
+    def vqa_batch(self, images, questions: list[str], answers: list[str] | None = None,
+                  audio: torch.Tensor | None = None, ids=None) -> SafeBatch:
+        """VQA with one image per question; ``answers`` given -> training batch (one answer string each)."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        prompts = [expand_image_token(vqa_prompt(q), self.num_image_tokens) for q in questions]
+        return self.encode("vl", prompts, answers, pixel_values=pixel_values, audio=audio, ids=ids)
+
+    def from_collated(self, collated: dict, with_answers: bool = True, audio: torch.Tensor | None = None,
+                      question: str | None = None) -> SafeBatch:
+        """From ``safe.data.datasets.collate_samples`` output. Audio batches train on their caption,
+        VL batches on the majority (multiple-choice) answer; ``audio`` attaches e.g. distractor clips to VL."""
+        kind = collated["kind"]
+        if kind == "audio":
+            return self.caption_batch(collated["audio"], collated["captions"] if with_answers else None,
+                                      question=question, ids=collated.get("ids"))
+        if kind == "vl":
+            answers = collated.get("multiple_choice_answers") if with_answers else None
+            return self.vqa_batch(collated["images"], collated["questions"], answers, audio=audio,
+                                  ids=collated.get("ids"))
+        raise ValueError(f"cannot build a model batch from kind {kind!r}")

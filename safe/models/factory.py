@@ -1,0 +1,133 @@
+"""Build a SAFEModel from a preset: load (or build) the frozen parts, add the trainable ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from safe.errors import SafeError
+from safe.models.audio_encoders import ClapEncoder, FrozenAudioEncoder, TinyConvEncoder, WhisperEncoderWrapper
+from safe.models.loading import default_dtype, load_model, load_pretrained
+from safe.models.presets import ModelPreset
+from safe.models.safe_model import SAFEModel
+
+# Architectures of the real presets, so parameters can be counted on the meta device without a download.
+KNOWN_BASES = {
+    "llava-hf/llava-1.5-7b-hf": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32),
+    "llava-hf/llava-1.5-13b-hf": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40),
+}
+
+
+def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: Path | None = None) -> FrozenAudioEncoder:
+    kind, name = preset.audio_encoder, preset.encoder_path
+    if kind == "tiny":
+        if preset.audio_encoder_path:
+            encoder = TinyConvEncoder.load(Path(preset.audio_encoder_path))
+        elif tiny_dir is not None and (tiny_dir / "audio_encoder").is_dir():
+            encoder = TinyConvEncoder.load(tiny_dir / "audio_encoder")
+        else:
+            encoder = TinyConvEncoder(seed=preset.tiny_seed, clip_seconds=preset.clip_seconds)
+        return encoder.to(device) if device is not None else encoder
+    if kind == "clap":
+        from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
+
+        # The audio tower + projection load from a full CLAP checkpoint; the text tower is never loaded.
+        full = load_model(ClapAudioModelWithProjection, name, what="CLAP audio encoder", flag="--audio-encoder",
+                          dtype=dtype, device=device)
+        extractor = load_pretrained(ClapFeatureExtractor, name, what="CLAP feature extractor", flag="--audio-encoder")
+        return ClapEncoder(full.audio_model, extractor, name, preset.audio_features, preset.clip_seconds)
+    if kind == "whisper":
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        model = load_model(WhisperModel, name, what="Whisper encoder", flag="--audio-encoder", dtype=dtype)
+        encoder = model.get_encoder()
+        del model                                 # the decoder is never used; drop it right away
+        extractor = load_pretrained(WhisperFeatureExtractor, name, what="Whisper feature extractor",
+                                    flag="--audio-encoder")
+        encoder = encoder.to(device) if device is not None else encoder
+        return WhisperEncoderWrapper(encoder.eval(), extractor, name, preset.clip_seconds)
+    raise SafeError(f"Unknown audio encoder {kind!r}; use clap, whisper or tiny.")
+
+
+def load_base(preset: ModelPreset, device=None, dtype=None, log=print):
+    """(base model, processor, base name, tiny cache dir or None)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    tiny_dir = None
+    source = preset.base_model
+    if source == "tiny":
+        from safe.models.tiny_base import ensure_tiny_base
+
+        tiny_dir = ensure_tiny_base(preset.tiny_seed, log=log)
+        source = str(tiny_dir)
+    base = load_model(LlavaForConditionalGeneration, source, what="base model", flag="--base-model",
+                      dtype=dtype, device=device)
+    processor = load_pretrained(AutoProcessor, source, what="processor", flag="--base-model")
+    name = f"tiny:{tiny_dir.name}" if tiny_dir is not None else preset.base_model
+    return base, processor, name, tiny_dir
+
+
+def build_safe_model(preset: ModelPreset, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None, log=print) -> SAFEModel:
+    """The SAFE model of ``preset`` on ``device`` (frozen parts in ``dtype``: bf16 on GPU, fp32 on CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or default_dtype(device)
+    base, processor, name, tiny_dir = load_base(preset, device, dtype, log=log)
+    encoder = load_audio_encoder(preset, device, dtype if preset.audio_encoder != "tiny" else None, tiny_dir)
+    return SAFEModel(base, processor, encoder, preset, base_name=name)
+
+
+# ------------------------------------------------------------------------------------------ meta
+
+
+class _MetaEncoder(FrozenAudioEncoder):
+    def __init__(self, module, feature_dim: int, encoder_id: str):
+        super().__init__()
+        self.module, self.feature_dim, self.encoder_id = module or torch.nn.Identity(), feature_dim, encoder_id
+        self.sample_rate, self.clip_seconds = 0, 0.0
+
+
+def build_on_meta(preset: ModelPreset) -> SAFEModel:
+    """The preset's SAFE model with every weight on the meta device (no memory, no download)."""
+    from transformers import (AutoConfig, ClapAudioConfig, ClapAudioModelWithProjection, CLIPVisionConfig,
+                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, WhisperConfig, WhisperModel)
+
+    if preset.base_model in KNOWN_BASES:
+        text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **KNOWN_BASES[preset.base_model])
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000, vision_feature_layer=-2,
+                             projector_hidden_act="gelu")
+    else:
+        config = AutoConfig.from_pretrained(preset.base_model)
+    with torch.device("meta"):
+        base = LlavaForConditionalGeneration(config)
+        if preset.audio_encoder == "whisper":
+            audio = WhisperModel(WhisperConfig.from_pretrained(preset.encoder_path)
+                                 if Path(preset.encoder_path).exists() else
+                                 WhisperConfig(d_model=768, encoder_layers=12, decoder_layers=12,
+                                               encoder_attention_heads=12, decoder_attention_heads=12,
+                                               encoder_ffn_dim=3072, decoder_ffn_dim=3072)).get_encoder()
+            dim = audio.config.d_model
+        elif preset.audio_encoder == "clap":
+            audio = ClapAudioModelWithProjection(ClapAudioConfig()).audio_model  # htsat-unfused's audio tower
+            dim = audio.config.hidden_size
+        else:
+            audio, dim = None, TinyConvEncoder().feature_dim
+        encoder = _MetaEncoder(audio, dim, f"meta:{preset.audio_encoder}")
+        return SAFEModel(base, None, encoder, preset)
+
+
+def count_parameters(preset: ModelPreset) -> dict:
+    """Trainable / frozen parameter counts of ``preset``, built on the meta device."""
+    model = build_on_meta(preset)
+    trainable = model.named_trainable_parameters()
+    parts = {"projector": 0, "xattn": 0, "lora": 0}
+    for name, p in trainable.items():
+        key = "projector" if name.startswith("projector.") else "xattn" if name.startswith("fusion.") else "lora"
+        parts[key] += p.numel()
+    frozen = sum(p.numel() for p in model.frozen_parameters().values())
+    return {"preset": preset.name, "trainable": sum(parts.values()), "frozen": frozen, **parts}

@@ -1,0 +1,104 @@
+"""Model presets (``--model-config``) and the loaders of their frozen parts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from safe.errors import SafeError
+
+CLAP_DEFAULT = "laion/clap-htsat-unfused"
+WHISPER_DEFAULT = "openai/whisper-small"
+AUDIO_ENCODERS = ("clap", "whisper", "tiny")
+FUSIONS = ("xattn", "prefix")
+
+
+@dataclass
+class ModelPreset:
+    name: str
+    base_model: str                          # hub id, local folder, or "tiny" (built and cached on first use)
+    audio_encoder: str = "clap"              # clap | whisper | tiny
+    audio_encoder_path: str | None = None    # hub id or local folder; None -> the encoder's default
+    audio_features: str = "patch"            # CLAP: patch sequence (default) or pooled vector
+    clip_seconds: float = 10.0
+    num_audio_tokens: int = 16               # k
+    fusion: str = "xattn"                    # xattn | prefix
+    xattn_layers: tuple[int, ...] | None = None   # None -> spread over depth
+    num_xattn_layers: int = 3
+    xattn_dim: int | None = None             # inner width of the cross-attention; None -> min(hidden, 1024)
+    xattn_heads: int = 8
+    lora_rank: int = 0                       # 0 = off
+    lora_alpha: float | None = None          # None -> 2 * rank
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
+    tiny_seed: int = 0                       # tiny preset: seed of the toy world / base / audio encoder
+    extra: dict = field(default_factory=dict)
+
+    def replace(self, **changes) -> "ModelPreset":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise SafeError(f"Unknown model option(s) {sorted(unknown)}; see `safe train --help`.")
+        if changes.get("xattn_layers") is not None:
+            changes["xattn_layers"] = tuple(int(i) for i in changes["xattn_layers"])
+        if changes.get("lora_targets") is not None:
+            changes["lora_targets"] = tuple(changes["lora_targets"])
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "ModelPreset":
+        if self.audio_encoder not in AUDIO_ENCODERS:
+            raise SafeError(f"Unknown audio encoder {self.audio_encoder!r}; use one of {', '.join(AUDIO_ENCODERS)}.")
+        if self.fusion not in FUSIONS:
+            raise SafeError(f"Unknown fusion {self.fusion!r}; use one of {', '.join(FUSIONS)}.")
+        if self.audio_features not in ("patch", "pooled"):
+            raise SafeError(f"Unknown audio feature mode {self.audio_features!r}; use 'patch' or 'pooled'.")
+        if self.num_audio_tokens < 1:
+            raise SafeError("--num-audio-tokens must be at least 1.")
+        if self.lora_rank < 0:
+            raise SafeError("--lora-rank must be 0 (off) or positive.")
+        return self
+
+    @property
+    def encoder_path(self) -> str | None:
+        if self.audio_encoder_path:
+            return self.audio_encoder_path
+        return {"clap": CLAP_DEFAULT, "whisper": WHISPER_DEFAULT}.get(self.audio_encoder)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(name="tiny", base_model="tiny", audio_encoder="tiny", clip_seconds=4.0,
+                        num_audio_tokens=8, num_xattn_layers=2, xattn_heads=4),
+    "llava-1.5-7b": ModelPreset(name="llava-1.5-7b", base_model="llava-hf/llava-1.5-7b-hf"),
+    "llava-1.5-13b": ModelPreset(name="llava-1.5-13b", base_model="llava-hf/llava-1.5-13b-hf"),
+}
+ALIASES = {"full": "llava-1.5-13b", "demo": "tiny"}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS) + list(ALIASES)
+
+
+def get_preset(name: str, **overrides) -> ModelPreset:
+    """Preset by name or alias (``full`` = llava-1.5-13b, ``demo`` = tiny), with overrides applied.
+
+    ``None`` overrides are ignored so CLI flags left unset keep the preset's value.
+    """
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise SafeError(f"Unknown model config {name!r}; use one of {', '.join(preset_names())}.")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("audio_encoder") == "whisper" and "audio_encoder_path" not in overrides:
+        overrides.setdefault("audio_features", "patch")
+    return PRESETS[key].replace(**overrides)
+
+
+def default_xattn_layers(num_layers: int, count: int) -> tuple[int, ...]:
+    """``count`` layer indices spread evenly over depth (32 layers, 3 -> 8/16/24; 40 -> 10/20/30; 4, 2 -> 1/3).
+
+    An adapter at index i runs after decoder layer i (0-based)."""
+    count = max(1, count)
+    if count >= num_layers:
+        return tuple(range(num_layers))
+    return tuple(sorted({min(num_layers - 1, round((i + 1) * num_layers / (count + 1))) for i in range(count)}))

@@ -1,0 +1,296 @@
+"""SAFE model invariants on a small, untrained tiny LLaVA built from configs (real transformers code).
+
+The base-equality tests compare against a pristine copy of the base that never had hooks or LoRA
+attached, so "g = 0 is the base" is checked against the real thing, not against itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from safe.errors import SafeError
+from safe.models.audio_encoders import TinyConvEncoder
+from safe.models.presets import get_preset
+from safe.models.prompts import IGNORE_INDEX, SPLICE_AFTER, caption_prompt, encode_example, vqa_prompt
+from safe.models.safe_model import SAFEModel
+from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained
+
+CORPUS = [
+    "USER: <image>\nAnswer the question using a single word or phrase. ASSISTANT:",
+    "USER: Describe the sound. ASSISTANT:",
+    "what color is the circle? what shape is the red object? is there a blue square? how many shapes are there?",
+    "red green blue yellow circle square triangle yes no 1 2 3",
+    "a dog barks twice a high beep sounds once over a faint hiss",
+]
+QUESTIONS = ["what color is the circle?", "is there a blue square?", "how many?"]
+MODES = [("xattn", 0), ("prefix", 0), ("xattn", 4), ("prefix", 4)]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(CORPUS)
+    processor = build_processor(tokenizer)
+    base = build_untrained(tokenizer, seed=0)
+    encoder = TinyConvEncoder(seed=0, clip_seconds=1.0)
+    return tokenizer, processor, base, encoder
+
+
+def make_model(parts, fusion="xattn", lora_rank=0, perturb=True, **overrides) -> SAFEModel:
+    tokenizer, processor, base, encoder = parts
+    preset = get_preset("tiny", fusion=fusion, lora_rank=lora_rank, clip_seconds=1.0, **overrides)
+    model = SAFEModel(copy.deepcopy(base), processor, encoder, preset, base_name="test-tiny")
+    if perturb:
+        # Move the trainable parts off their identity init so the SAFE path really differs from the base.
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_trainable_parameters().items():
+                if name.endswith("alpha"):
+                    p.fill_(0.8)
+                elif "lora_B" in name:
+                    p.normal_(std=0.2)
+    return model
+
+
+def images(n):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def audio(n, seconds=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, int(16000 * seconds), generator=g) * 0.1
+
+
+def vl_batch(model, n=3, answers=True, with_audio=True):
+    return model.builder.vqa_batch(images(n), QUESTIONS[:n], ["red", "yes", "2"][:n] if answers else None,
+                                   audio=audio(n) if with_audio else None)
+
+
+def caption_batch(model, n=3, answers=True):
+    caps = ["a dog barks twice", "a high beep sounds once", "a beep"][:n]
+    return model.builder.caption_batch(audio(n, seed=1), caps if answers else None)
+
+
+def base_logits(base, model, batch):
+    with torch.no_grad():
+        return base(**model.base_inputs(batch)).logits
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def test_prompt_labels_only_on_answer_and_eos(parts):
+    tokenizer = parts[0]
+    enc = encode_example(tokenizer, vqa_prompt("what color is the circle?"), "red")
+    answer = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    assert answer == [tokenizer.convert_tokens_to_ids("red"), tokenizer.eos_token_id]
+    assert enc.input_ids[: enc.prompt_len] == tokenizer(vqa_prompt("what color is the circle?"))["input_ids"]
+    head = tokenizer(SPLICE_AFTER)["input_ids"]
+    assert enc.input_ids[: enc.splice_pos] == head
+    assert caption_prompt() == "USER: Describe the sound. ASSISTANT:"
+    assert vqa_prompt("q?") == "USER: <image>\nq?\nAnswer the question using a single word or phrase. ASSISTANT:"
+
+
+def test_batches_are_left_padded_with_positions_from_first_token(parts):
+    model = make_model(parts, perturb=False)
+    batch = vl_batch(model)
+    assert batch.attention_mask[:, -1].all()                        # left padding: last column always real
+    first = batch.attention_mask.argmax(dim=1)
+    for row in range(batch.size):
+        assert batch.position_ids[row, first[row]] == 0
+        assert batch.labels[row, : first[row]].eq(IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------------------------- base equality
+
+
+@pytest.mark.parametrize("fusion,lora", MODES)
+def test_gate0_and_no_audio_are_bit_identical_to_base(parts, fusion, lora):
+    pristine = parts[2]
+    model = make_model(parts, fusion, lora)
+    for batch in (vl_batch(model), caption_batch(model)):
+        reference = base_logits(pristine, model, batch)
+        with torch.no_grad():
+            assert torch.equal(model(batch, gate=0.0).logits, reference)
+            assert torch.equal(model(batch.with_audio(None), gate=1.0).logits, reference)
+            safe = model(batch, gate=1.0)
+        assert safe.safe_path
+        # The SAFE path itself does change the output (so the equalities above are not vacuous).
+        assert not torch.equal(safe.logits[:, -reference.shape[1]:], reference)
+        # and the SAFE path leaves no state behind: the base alone is still the base afterwards
+        assert torch.equal(base_logits(model.base, model, batch), reference)
+
+
+def test_fresh_xattn_at_gate1_equals_base(parts):
+    model = make_model(parts, "xattn", perturb=False)
+    batch = vl_batch(model)
+    with torch.no_grad():
+        out = model(batch, gate=1.0)
+    assert out.safe_path and torch.equal(out.logits, base_logits(parts[2], model, batch))
+
+
+def test_prefix_inserts_k_tokens_after_user(parts):
+    model = make_model(parts, "prefix")
+    batch = caption_batch(model)
+    with torch.no_grad():
+        out = model(batch, gate=1.0)
+    k = model.preset.num_audio_tokens
+    assert out.logits.shape[1] == batch.input_ids.shape[1] + k
+    assert torch.equal(out.labels[:, k:][:, -batch.labels.shape[1]:], batch.labels)   # labels moved right by k
+    assert out.answer_logits().shape[0] == (batch.labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _step(model, optimizer, batch):
+    out = model(batch, gate=1.0, label_smoothing=0.1)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    return out.loss
+
+
+@pytest.mark.parametrize("fusion,lora", [("xattn", 4), ("prefix", 4)])
+def test_one_step_changes_only_trainable_parameters(parts, fusion, lora):
+    model = make_model(parts, fusion, lora, perturb=False)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.frozen_parameters().items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    trainable = {n: p.detach().clone() for n, p in model.named_trainable_parameters().items()}
+    optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-3), lr=1e-3)
+    _step(model, optimizer, caption_batch(model))
+    for name, p in model.frozen_parameters().items():
+        assert torch.equal(p, frozen[name]), name
+        assert p.grad is None, name
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    changed = [n for n, p in model.named_trainable_parameters().items() if not torch.equal(p, trainable[n])]
+    assert changed and all(n in trainable for n in changed)
+    assert model.base.training is False and model.audio_encoder.training is False
+
+
+@pytest.mark.parametrize("fusion,lora", [("xattn", 4), ("prefix", 4)])
+def test_all_trainable_parameters_get_gradients(parts, fusion, lora):
+    model = make_model(parts, fusion, lora, perturb=False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.param_groups(1e-2, 1e-2), lr=1e-2)
+    for _ in range(3):
+        _step(model, optimizer, caption_batch(model))
+    model(caption_batch(model), gate=1.0).loss.backward()
+    for name, p in model.named_trainable_parameters().items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_param_groups_split_projector_and_adapter_without_decay_on_norms(parts):
+    model = make_model(parts, "xattn", 4, perturb=False)
+    groups = {g["name"]: g for g in model.param_groups(2e-4, 1e-4, 0.01)}
+    assert set(groups) == {"projector", "projector_no_decay", "adapter", "adapter_no_decay"}
+    assert groups["projector"]["lr"] == 2e-4 and groups["adapter"]["lr"] == 1e-4
+    alphas = [p for n, p in model.named_trainable_parameters().items() if n.endswith("alpha")]
+    assert all(any(a is p for p in groups["adapter_no_decay"]["params"]) for a in alphas)
+    assert groups["adapter_no_decay"]["weight_decay"] == 0.0
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(model.trainable_parameters())
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("fusion", ["xattn", "prefix"])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_batched_generation_equals_one_by_one(parts, fusion, num_beams):
+    model = make_model(parts, fusion)
+    batch = vl_batch(model, answers=False)
+    together = model.generate(batch, gate=1.0, max_new_tokens=4, num_beams=num_beams)
+    alone = []
+    for i in range(batch.size):
+        single = model.builder.vqa_batch(images(3)[i:i + 1], QUESTIONS[i:i + 1], audio=batch.audio[i:i + 1])
+        alone += model.generate(single, gate=1.0, max_new_tokens=4, num_beams=num_beams)
+    assert together == alone
+    assert len(together) == 3
+
+
+def test_generate_returns_only_new_tokens_and_gate0_is_base(parts):
+    model = make_model(parts, "xattn")
+    batch = vl_batch(model, answers=False)
+    inputs = model.base_inputs(batch)
+    inputs.pop("position_ids")
+    raw = parts[2].generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=model.builder.pad_id,
+                            eos_token_id=model.tokenizer.eos_token_id)
+    expected = [t.strip() for t in model.tokenizer.batch_decode(raw[:, batch.input_ids.shape[1]:],
+                                                                skip_special_tokens=True)]
+    assert model.generate(batch, gate=0.0, max_new_tokens=4) == expected
+    assert model.generate(batch.with_audio(None), gate=1.0, max_new_tokens=4) == expected
+    for text in model.generate(batch, gate=1.0, max_new_tokens=4):
+        assert "USER" not in text and "ASSISTANT" not in text
+
+
+def test_generate_refuses_a_batch_with_answers(parts):
+    model = make_model(parts, "xattn")
+    with pytest.raises(ValueError):
+        model.generate(vl_batch(model), max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------ trainable state
+
+
+@pytest.mark.parametrize("fusion,lora", [("xattn", 4), ("prefix", 0)])
+def test_save_load_round_trip_gives_identical_logits(parts, fusion, lora, tmp_path):
+    model = make_model(parts, fusion, lora)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(0.01)
+    model.save_trainable(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["safe_config.json", "trainable.safetensors"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ckpt" / "trainable.safetensors"))
+    assert set(saved) == set(model.named_trainable_parameters())           # never a frozen weight
+    fresh = make_model(parts, fusion, lora, perturb=False)
+    fresh.load_trainable(tmp_path / "ckpt")
+    batch = vl_batch(model)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch).logits, model(batch).logits)
+
+
+def test_loading_mismatches_are_refused(parts, tmp_path):
+    model = make_model(parts, "xattn")
+    model.save_trainable(tmp_path / "ckpt")
+    with pytest.raises(SafeError, match="fusion"):
+        make_model(parts, "prefix").load_trainable(tmp_path / "ckpt")
+    with pytest.raises(SafeError, match="num_audio_tokens"):
+        make_model(parts, "xattn", num_audio_tokens=4).load_trainable(tmp_path / "ckpt")
+    with pytest.raises(SafeError, match="layers"):
+        make_model(parts, "xattn", xattn_layers=(0,)).load_trainable(tmp_path / "ckpt")
+    tokenizer, processor, _, encoder = parts
+    other_base = build_untrained(tokenizer, seed=5)                        # same shapes, other weights
+    other = SAFEModel(other_base, processor, encoder, model.preset, base_name="test-tiny")
+    with pytest.raises(SafeError, match="base model"):
+        other.load_trainable(tmp_path / "ckpt")
+    with pytest.raises(SafeError, match="no SAFE trainable state"):
+        model.load_trainable(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("fusion", ["xattn", "prefix"])
+def test_bf16_base_with_fp32_trainable_parts(parts, fusion):
+    """The GPU layout (frozen bf16 base, fp32 trainable weights) runs and keeps g = 0 exact."""
+    tokenizer, processor, base, encoder = parts
+    bf16_base = copy.deepcopy(base).to(torch.bfloat16)
+    pristine = copy.deepcopy(bf16_base)
+    model = SAFEModel(bf16_base, processor, encoder, get_preset("tiny", fusion=fusion, lora_rank=4), base_name="t")
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    batch = vl_batch(model)
+    out = model(batch, gate=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projector.fc1.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(model(batch, gate=0.0).logits, base_logits(pristine, model, batch))
+    assert len(model.generate(vl_batch(model, answers=False), max_new_tokens=2, num_beams=2)) == 3

@@ -18,6 +18,7 @@ COMMANDS = [
     (("sweep",), "safe.training.sweep", "train several variants in sequence and compare them"),
     (("eval",), "safe.eval.cli", "evaluate a run's checkpoint"),
     (("caption",), "safe.inference", "caption audio files with a trained run"),
+    (("ask",), "safe.ask", "ask a trained run a visual question, with or without audio"),
     (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),

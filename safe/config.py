@@ -140,6 +140,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: str | None = None  # "auto" (latest in output dir) or a run directory
     progress: bool = True
+    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
+    wandb_project: str | None = None
 
     def validate(self) -> None:
         check_variant(self.variant)

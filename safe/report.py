@@ -109,14 +109,42 @@ def comparison_plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def learning_curves_plot(runs: list[Path], path: Path) -> Path:
+    """Caption loss per optimizer step (left) and CIDEr-D per evaluation (right), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safe.training.outputs import read_log
+
+    fig, (loss_ax, cider_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        train = [r for r in read_log(run) if r.get("event") == "train"]
+        loss_ax.plot([r["step"] for r in train], [r.get("caption_loss") for r in train], label=run.name)
+        history = json.loads((run / "metrics.json").read_text()).get("history", [])
+        cider_ax.plot([h["step"] for h in history], [h.get("audio_cider") for h in history], marker="o",
+                      label=run.name)
+    loss_ax.set(xlabel="optimizer step", ylabel="caption loss (label-smoothed CE)", title="Training loss")
+    cider_ax.set(xlabel="optimizer step", ylabel="CIDEr-D (0-100)", title="Audio captioning")
+    loss_ax.legend(fontsize=7)
+    cider_ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: list[Path], out_dir: Path) -> dict:
     rows = [run_row(run) for run in runs]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(markdown_table(rows))
     (out_dir / "comparison.csv").write_text(csv_table(rows))
     comparison_plot(rows, out_dir / "comparison.png")
+    learning_curves_plot(runs, out_dir / "learning_curves.png")
     return {"rows": rows, "markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
-            "png": out_dir / "comparison.png"}
+            "png": out_dir / "comparison.png", "curves": out_dir / "learning_curves.png"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -127,5 +155,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = write_report(find_runs(args.runs), args.out or Path("report"))
     print(report["markdown"].read_text(), end="")
-    print(f"written: {report['markdown']}, {report['csv']}, {report['png']}")
+    print(f"written: {report['markdown']}, {report['csv']}, {report['png']}, {report['curves']}")
     return 0

@@ -58,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, help="log training figures every N optimizer steps")
     _bool_flag(parser, "allow-outside-paths", "accept absolute or escaping media paths in manifests")
     _bool_flag(parser, "progress", "show a progress bar")
+    _bool_flag(parser, "tensorboard", "write TensorBoard event files (default: on when installed)")
+    add("--wandb-project", help="also log to this Weights & Biases project")
     add("--resume", nargs="?", const="auto",
         help="continue the latest run of this variant under --output-root, or the run folder given")
 

@@ -101,6 +101,12 @@ class RunLogger:
             sink(record)
 
 
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
 def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "train_log.jsonl"
     if not path.exists():

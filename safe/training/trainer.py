@@ -32,6 +32,7 @@ from safe.training.distributed import (DistInfo, all_true, any_true, average_gra
 from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic
 from safe.training.plots import write_plots
+from safe.training.tracking import make_sinks
 from safe.training.retention import FisherPenalty, NullSpaceProjector, kl_distillation
 from safe.training.schedule import warmup_cosine
 
@@ -149,7 +150,9 @@ class Trainer:
         self.history: list[dict] = []
         self.counters = {"nonfinite_skipped_steps": 0, "consecutive_nonfinite": 0, "skipped_samples": 0,
                          "audio_samples": 0, "vl_samples": 0, "train_seconds": 0.0}
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        sinks = make_sinks(self.run_dir, train.tensorboard, train.wandb_project, config.to_dict()) \
+            if self.is_main else []
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main, sinks=sinks)
         self.evaluator = Evaluator(self.model, self.data.audio_val, self.data.vqa_val, self.data.distractor_pool,
                                    config, self.run_dir, self.device,
                                    BasePredictionCache(self.model, {"max_new_tokens": train.generation_max_new_tokens,
@@ -434,6 +437,7 @@ class Trainer:
         if self.is_main:
             write_plots(self.run_dir)
         self._set_state(status, step=self.step)
+        self.logger.close()
         return {"run_dir": str(self.run_dir), "status": status, "step": self.step,
                 "validation": self.history[-1] if self.history else {}}
 

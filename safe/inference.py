@@ -1,0 +1,81 @@
+"""`safe caption` and `safe ask`: hear what a trained run says, from its config.json and trainable checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from safe.config import RunConfig
+from safe.data.audio import load_audio
+from safe.data.images import load_image
+from safe.errors import SafeError
+from safe.training.checkpoint import latest_checkpoint
+
+
+def run_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> tuple[RunConfig, Path]:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise SafeError(f"{run_dir} is not a run folder (no config.json); pass a folder made by `safe train`.")
+    config = RunConfig.from_dict(json.loads(config_path.read_text())["config"]).validate()
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None or not path.is_dir():
+        raise SafeError(f"{run_dir} has no checkpoint yet; train it (or --resume it) until it saves one.")
+    return config, path
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: str | None = None):
+    """The run's base model (as named in its config.json) with the run's trainable state loaded."""
+    from safe.training.model_factory import build_model
+
+    config, path = run_checkpoint(run_dir, checkpoint)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(config, device)
+    model.load_trainable(path)
+    model.eval()
+    return model, config
+
+
+def _waveforms(model, files: list[str]) -> torch.Tensor:
+    encoder = model.audio_encoder
+    clips = [torch.from_numpy(load_audio(f, encoder.sample_rate, encoder.clip_seconds)) for f in files]
+    return torch.stack(clips)
+
+
+def caption_files(model, files: list[str], gate: float = 1.0, max_new_tokens: int = 32, num_beams: int = 1,
+                  batch_size: int = 16) -> list[str]:
+    captions = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        audio = _waveforms(model, chunk)
+        batch = model.builder.caption_batch(audio if gate else None, batch_size=len(chunk)).to(model.device)
+        captions += model.generate(batch, gate=gate, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    return captions
+
+
+def answer(model, image: str, question: str, audio: str | None = None, gate: float = 1.0,
+           max_new_tokens: int = 16) -> str:
+    waveform = _waveforms(model, [audio]) if audio else None
+    batch = model.builder.vqa_batch([load_image(image)], [question], audio=waveform).to(model.device)
+    return model.generate(batch, gate=gate, max_new_tokens=max_new_tokens)[0]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (config.json + checkpoints/)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
+    parser.add_argument("--audio", nargs="+", required=True, help="audio files (WAV, FLAC, OGG, MP3)")
+    parser.add_argument("--gate", type=float, default=1.0, help="0 gives the base model's (muted) caption")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--device")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, _ = load_run_model(args.run, args.checkpoint, args.device)
+    for path, caption in zip(args.audio, caption_files(model, args.audio, args.gate, args.max_new_tokens,
+                                                        args.num_beams)):
+        print(f"{path}\t{caption}")
+    return 0

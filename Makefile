@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_audio_loading.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) demo_out

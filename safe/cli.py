@@ -57,17 +57,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+def _run(module, args: argparse.Namespace) -> int:
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(module.run(args) or 0)
     except SafeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+
+
+def standalone(module_name: str, argv: list[str] | None, prog: str, description: str) -> int:
+    """One command module as its own program (the seed entry points under scripts/ and experiments/)."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    module.configure(parser)
+    return _run(module, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    return _run(importlib.import_module(args._module), args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """End-to-end Stage A on the small toy world with the tiny preset (DESIGN §5-§7)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -121,8 +120,8 @@ def test_sigterm_checkpoints_and_resume_finishes(toy_world, tmp_path):
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     logs = []
-    while time.time() < deadline and not logs:
-        logs = [p for p in out.glob("*/train_log.jsonl") if p.stat().st_size > 0]
+    while time.time() < deadline and not logs:  # wait for the first logged optimizer step
+        logs = [p for p in out.glob("*/train_log.jsonl") if '"event": "train"' in p.read_text()]
         time.sleep(0.5)
     assert logs, "training never started"
     process.send_signal(signal.SIGTERM)

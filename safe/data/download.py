@@ -356,15 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data download") -> int:
-    """Stand-alone entry (the experiments/ script): same flags, SafeError printed as one sentence."""
-    parser = argparse.ArgumentParser(prog=prog, description="Download and safely extract the SAFE datasets.")
-    configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except SafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    from safe.cli import standalone
+
+    return standalone(__name__, argv, prog, "Download and safely extract the SAFE datasets.")
+

@@ -3,8 +3,10 @@
 An entry is keyed by the clip (absolute path, size, mtime), the encoder id, the sample rate, the clip length
 and the crop window (an index into `safe.data.audio.window_starts`), so a changed file or encoder simply misses.
 Entries are safetensors files written atomically; one that fails to load, carries another key, or holds
-non-finite values is deleted and recomputed. Values are stored in the encoder's own dtype, so a cached
-feature is `torch.equal` to a freshly computed one.
+non-finite values is deleted and recomputed. Values are stored in the encoder's own dtype, exactly as the encoder
+returned them: a cached feature is `torch.equal` to the encode that wrote it. Encoders are not bit-stable across
+batch compositions (measured: up to ~1e-6 for the tiny conv encoder), so a run with the cache is bit-identical to
+one without it while batches are the same (the first epoch) and equal to float rounding afterwards.
 """
 
 from __future__ import annotations

@@ -21,13 +21,11 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import soundfile as sf
@@ -47,6 +45,12 @@ SIZES: dict[str, dict[str, int]] = {
     "medium": {
         "audiocaps_train": 600, "audiocaps_val": 100, "audiocaps_test": 50, "wavcaps": 200,
         "vqa_train": 2000, "vqa_val": 300,
+    },
+    # What the tiny base model is pretrained on: the medium world's VQA (train rows are a prefix: every image
+    # and question is keyed by (seed, split, index)) with three times the training images, and the same val.
+    "pretrain": {
+        "audiocaps_train": 48, "audiocaps_val": 16, "audiocaps_test": 8, "wavcaps": 24,
+        "vqa_train": 6000, "vqa_val": 300,
     },
 }
 SAMPLE_RATES = (16000, 22050, 44100)
@@ -724,14 +728,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safe data synth", description="Write the deterministic toy world.")
-    configure(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except SafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "safe data synth") -> int:
+    from safe.cli import standalone
+
+    return standalone(__name__, argv, prog, "Write the deterministic toy world.")
 
 
 if __name__ == "__main__":

@@ -329,11 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data fix-wavcaps") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Repair WavCaps audio paths in the manifest.")
-    configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except SafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from safe.cli import standalone
+
+    return standalone(__name__, argv, prog, "Repair WavCaps audio paths in the manifest.")
+

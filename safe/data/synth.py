@@ -46,12 +46,6 @@ SIZES: dict[str, dict[str, int]] = {
         "audiocaps_train": 600, "audiocaps_val": 100, "audiocaps_test": 50, "wavcaps": 200,
         "vqa_train": 2000, "vqa_val": 300,
     },
-    # What the tiny base model is pretrained on: the medium world's VQA (train rows are a prefix: every image
-    # and question is keyed by (seed, split, index)) with three times the training images, and the same val.
-    "pretrain": {
-        "audiocaps_train": 48, "audiocaps_val": 16, "audiocaps_test": 8, "wavcaps": 24,
-        "vqa_train": 6000, "vqa_val": 300,
-    },
 }
 SAMPLE_RATES = (16000, 22050, 44100)
 N_REFERENCES = 5  # val/test references per clip

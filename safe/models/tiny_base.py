@@ -39,7 +39,7 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_att
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
-TRAIN = dict(world_size="pretrain", vision_steps=300, vision_lr=3e-3, vision_batch=64, align_steps=0, align_lr=3e-3, llm_steps=1200,
+TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_batch=64, align_steps=0, align_lr=3e-3, llm_steps=1200,
              llm_lr=3e-3, vqa_batch=32, composed_fraction=0.0, text_batch=16, warmup=50)
 # composed_fraction > 0 mixes in scenes recombined from the world's cells (_CellComposer). Measured on
 # the medium world at 1200 steps it generalised worse (77 % vs 84 % val) than the world's own

@@ -30,6 +30,7 @@ DEMO_FLAGS = [
     "--max-audio-eval-samples", "100",
     "--max-vl-eval-samples", "300",
     "--generation-max-new-tokens", "16",
+    "--eval-every", "300",
 ]
 
 

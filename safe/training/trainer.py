@@ -367,7 +367,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        alphas = [float(torch.tanh(p)) for n, p in self.params.items() if n.endswith("alpha")]
+        alphas = [float(torch.tanh(p.detach())) for n, p in self.params.items() if n.endswith("alpha")]
         return {**losses, "grad_norm": grad_norm, "finite": finite and grads_finite,
                 "lr_projector": self.optimizer.param_groups[0]["lr"],
                 "max_abs_tanh_alpha": max((abs(a) for a in alphas), default=None)}

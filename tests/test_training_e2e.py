@@ -166,3 +166,23 @@ def test_non_finite_losses_stop_the_run_with_a_clear_error(toy_world, tmp_path):
     with pytest.raises(SafeError, match="3 optimizer steps in a row had a non-finite loss"):
         trainer.fit()
     assert trainer.counters["nonfinite_skipped_steps"] == 3
+
+
+def test_metrics_json_survives_a_kill_mid_run(toy_world, tmp_path):
+    out = tmp_path / "runs"
+    args = ["train", "--data-root", str(toy_world), "--output-root", str(out), "--variant", "no_retention",
+            "--max-steps", "400", "--eval-every", "1", "--model-config", "tiny", "--train-batch-size", "4",
+            "--num-workers", "0", "--max-audio-eval-samples", "4", "--max-vl-eval-samples", "4",
+            "--val-batch-size", "8", "--generation-max-new-tokens", "8", "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "safe", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(out.glob("*/metrics.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it get into the next steps (and possibly the middle of another write)
+    process.kill()
+    process.wait(timeout=60)
+    metrics_path = next(out.glob("*/metrics.json"))
+    metrics = json.loads(metrics_path.read_text())  # the last good state, never a torn file
+    assert metrics["history"] and metrics["training"]["status"] == "running"
+    assert metrics["validation"]["gate0_exact"] is True

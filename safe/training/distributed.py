@@ -87,22 +87,22 @@ def _flag(flag: bool) -> torch.Tensor:
     return torch.tensor([1.0 if flag else 0.0], device=device)
 
 
-def all_true(flag: bool, info: DistInfo) -> bool:
-    """True only when every rank's flag is true (non-finite guard, gate check, cache hits)."""
+def _reduce_flag(flag: bool, info: DistInfo, op) -> bool:
     if not info.enabled:
         return flag
     value = _flag(flag)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=op)
     return bool(value.item() > 0.5)
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """True only when every rank's flag is true (non-finite guard, gate check, cache hits)."""
+    return _reduce_flag(flag, info, dist.ReduceOp.MIN)
 
 
 def any_true(flag: bool, info: DistInfo) -> bool:
     """True when any rank's flag is true (a stop signal seen by one rank stops all at the same step)."""
-    if not info.enabled:
-        return flag
-    value = _flag(flag)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0.5)
+    return _reduce_flag(flag, info, dist.ReduceOp.MAX)
 
 
 def gather_dict(values: dict, info: DistInfo) -> dict:

@@ -26,9 +26,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 1.0, "null_space_rank": 8},
 }
 
-# The user's earlier preset names keep working (DESIGN §8).
-PRESET_ALIASES = {"full": "llava-1.5-13b", "demo": "tiny"}
-PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b")
 
 
 def check_variant(name: str) -> str:
@@ -38,11 +35,10 @@ def check_variant(name: str) -> str:
 
 
 def canonical_preset(name: str) -> str:
-    name = PRESET_ALIASES.get(name, name)
-    if name not in PRESETS:
-        known = ", ".join(PRESETS + tuple(PRESET_ALIASES))
-        raise SafeError(f"Unknown model config {name!r}; choose one of: {known}.")
-    return name
+    """The preset's canonical name; the user's earlier names `full` and `demo` keep working (DESIGN §8)."""
+    from safe.models.presets import get_preset
+
+    return get_preset(name).name
 
 
 @dataclass

@@ -209,6 +209,10 @@ class Evaluator:
             exact = all_true(self.gate0_exact(), self.info)
         finally:
             self.model.train(was_training)
+        # Scores are means over items: a fixed item order makes them bit-identical however the predictions were
+        # gathered (one process, or shards from several ranks).
+        predictions, muted, references, base, safe, distractor, answers = (
+            dict(sorted(d.items())) for d in (predictions, muted, references, base, safe, distractor, answers))
         captions = caption_metrics(predictions, references)
         muted_cider = caption_metrics(muted, references, cider_only=True)["cider"]
         base_acc = vqa_score(base, answers)["accuracy"]

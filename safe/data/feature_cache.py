@@ -21,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from safe.cache import cache_dir
+
 
 def default_cache_root() -> Path:
-    root = os.environ.get("SAFE_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "safe") / "features"
+    return cache_dir("features")
 
 
 class FeatureCache:

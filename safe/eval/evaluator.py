@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from safe.cache import cache_dir
 from safe.data.datasets import collate_samples
 from safe.data.manifest import write_jsonl
 from safe.eval.captions import caption_metrics
@@ -25,11 +25,6 @@ from safe.models.prompts import CAPTION_PROMPT, VQA_PROMPT
 from safe.training.distributed import DistInfo, all_true, barrier, gather_dict
 from safe.training.features import audio_batch, batch_features
 from safe.training.outputs import write_json_atomic
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SAFE_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "safe") / "base_predictions"
 
 
 def _file_key(path: Path) -> dict:
@@ -43,7 +38,7 @@ class BasePredictionCache:
     def __init__(self, model, decoding: dict, directory: Path | None = None):
         from safe.models.safe_model import base_fingerprint
 
-        self.directory = directory or _cache_dir()
+        self.directory = directory or cache_dir("base_predictions")
         self.base = {"name": model.base_name, "fingerprint": base_fingerprint(model.base)}
         self.decoding = decoding
         self.hits = 0

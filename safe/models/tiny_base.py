@@ -111,8 +111,9 @@ def prompt_texts() -> list[str]:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("SAFE_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "safe") / "tiny_base"
+    from safe.cache import cache_dir
+
+    return cache_dir("tiny_base")
 
 
 def _train_settings(overrides: dict | None) -> dict:

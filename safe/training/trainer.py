@@ -259,10 +259,11 @@ class Trainer:
                 self.base_answers[ids[i]] = answer
         return [self.base_answers[key] for key in ids]
 
-    def _vl_batch(self, collated: dict, micro: int):
+    def _vl_batch(self, collated: dict, features: torch.Tensor | None):
+        """A VQA batch labelled with the base's own answers, with `features` (distractor clips) attached."""
         answers = self._base_answers(collated)
         batch = self.model.builder.vqa_batch(collated["images"], collated["questions"], answers)
-        return batch.with_audio(audio_features=self._distractors(collated, micro)).to(self.device)
+        return batch.with_audio(audio_features=features).to(self.device)
 
     def _vl_kl(self, batch) -> torch.Tensor:
         """T²·KL(p_base ‖ p_safe) on the answer positions; the teacher is the gate-0 model in fp32."""
@@ -284,10 +285,8 @@ class Trainer:
         batches = []
         for i in range(count):
             collated = self._next_batch(self.vl_stream)
-            answers = self._base_answers(collated)
-            batch = self.model.builder.vqa_batch(collated["images"], collated["questions"], answers)
             features = self.evaluator.distractor_audio([f"{salt}:{self.step}:{i}:{q}" for q in collated["ids"]])
-            batches.append(batch.with_audio(audio_features=features).to(self.device))
+            batches.append(self._vl_batch(collated, features))
         return batches
 
     def _refresh_retention(self) -> None:
@@ -337,7 +336,8 @@ class Trainer:
         if config.retention.use_vl and config.retention.kl_weight > 0:
             vl_micro = max(1, round(accumulation * config.retention.vl_fraction / (1 - config.retention.vl_fraction)))
             for micro in range(vl_micro):
-                batch = self._vl_batch(self._next_batch(self.vl_stream), micro)
+                collated = self._next_batch(self.vl_stream)
+                batch = self._vl_batch(collated, self._distractors(collated, micro))
                 self.counters["vl_samples"] += batch.size
                 if not batch.has_audio:  # no distractor drawn: the SAFE path is the base, nothing to retain
                     continue

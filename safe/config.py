@@ -51,6 +51,7 @@ class DataConfig:
     num_workers: int = 2
     feature_cache: bool = True  # cache frozen audio-encoder outputs on disk
     feature_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/features or ~/.cache/safe/features
+    feature_cache_memory_mb: float = 1024  # in-memory layer over the disk cache, per process (each loader worker)
     max_audio_eval_samples: int | None = 500
     max_vl_eval_samples: int | None = 500
     audio_eval_split: str = "val"
@@ -63,6 +64,8 @@ class DataConfig:
             raise SafeError(f"--on-bad-sample must be skip or error, not {self.on_bad_sample!r}.")
         if self.num_workers < 0:
             raise SafeError("--num-workers must be >= 0.")
+        if self.feature_cache_memory_mb < 0:
+            raise SafeError("--feature-cache-memory-mb must be >= 0 (0 turns the in-memory layer off).")
 
 
 @dataclass

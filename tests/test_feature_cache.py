@@ -138,6 +138,8 @@ def test_corrupt_entry_is_deleted_and_recomputed(tmp_path, tone_writer, encoder,
 
         save_file({"features": torch.full(expected.shape, float("nan"))}, str(entry),
                   metadata={"key": cache.key(clip, 0)})
+    assert cache.get(clip, 0) is not None  # this process still holds the entry in memory ...
+    cache = make_cache(root, encoder)       # ... a new one (the next run, a loader worker) reads the disk
     assert cache.get(clip, 0) is None
     assert not entry.exists()  # detected and deleted
     # The loader then recomputes: the dataset hands out audio again, and the entry is rewritten.
@@ -155,8 +157,65 @@ def test_entry_of_another_key_is_rejected(tmp_path, tone_writer, encoder):
     cache.put(b, 0, fresh(encoder, b))
     file_a, file_b = cache._file(cache.key(a, 0)), cache._file(cache.key(b, 0))
     file_a.write_bytes(file_b.read_bytes())  # b's entry under a's name
+    cache = make_cache(root, encoder)        # a new process: nothing in memory
     assert cache.get(a, 0) is None and not file_a.exists()
     assert torch.equal(cache.get(b, 0), fresh(encoder, b))
+
+
+def test_memory_layer_serves_repeats_and_still_misses_a_changed_file(tmp_path, tone_writer, encoder):
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000, freq=440.0)
+    root = tmp_path / "cache"
+    cache = make_cache(root, encoder)
+    expected = fresh(encoder, clip)
+    cache.put(clip, 0, expected)
+    (entry,) = entry_files(root)
+    entry.unlink()                               # served from memory, no file read
+    assert torch.equal(cache.get(clip, 0), expected)
+    assert cache.contains(clip, 0)
+    stat = clip.stat()
+    tone_writer(clip, 2.0, 16000, freq=880.0)    # another content, mtime moved on
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cache.get(clip, 0) is None and not cache.contains(clip, 0)
+
+
+def test_memory_layer_keeps_to_its_budget(tmp_path, tone_writer, encoder):
+    clips = [tmp_path / f"{i}.wav" for i in range(3)]
+    for i, clip in enumerate(clips):
+        tone_writer(clip, 2.0, 16000, freq=300.0 + 100 * i)
+    features = [fresh(encoder, clip) for clip in clips]
+    entry_bytes = features[0].numel() * features[0].element_size()
+    cache = FeatureCache(tmp_path / "cache", encoder.encoder_id, 16000, 4.0, memory_mb=2.5 * entry_bytes / 2**20)
+    for clip, feature in zip(clips, features):
+        cache.put(clip, 0, feature)
+    assert len(cache._memory) == 2 and cache._memory_used <= cache.memory_bytes  # the oldest was evicted
+    assert all(torch.equal(cache.get(c, 0), f) for c, f in zip(clips, features))  # the evicted one from disk
+    off = FeatureCache(tmp_path / "cache", encoder.encoder_id, 16000, 4.0, memory_mb=0)
+    assert torch.equal(off.get(clips[0], 0), features[0]) and not off._memory
+
+
+def test_pickled_cache_starts_with_an_empty_memory(tmp_path, tone_writer, encoder):
+    import pickle
+
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000)
+    cache = make_cache(tmp_path / "cache", encoder)
+    cache.put(clip, 0, fresh(encoder, clip))
+    copy = pickle.loads(pickle.dumps(cache))     # what a DataLoader worker receives
+    assert not copy._memory and copy._memory_used == 0
+    assert torch.equal(copy.get(clip, 0), cache.get(clip, 0))
+
+
+def test_encoder_dtype_is_part_of_the_key(tmp_path, tone_writer):
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000)
+    fp32 = TinyConvEncoder(seed=0)
+    bf16 = TinyConvEncoder(seed=0).to(torch.bfloat16)
+    cache32 = FeatureCache.for_encoder(fp32, tmp_path / "cache")
+    cache16 = FeatureCache.for_encoder(bf16, tmp_path / "cache")
+    assert cache32.encoder_id != cache16.encoder_id
+    cache32.put(clip, 0, fresh(fp32, clip))
+    assert cache16.get(clip, 0) is None and cache32.get(clip, 0) is not None
 
 
 def test_missing_clip_is_not_the_cache_business(tmp_path, encoder):

@@ -7,14 +7,20 @@ non-finite values is deleted and recomputed. Values are stored in the encoder's 
 returned them: a cached feature is `torch.equal` to the encode that wrote it. Encoders are not bit-stable across
 batch compositions (measured: up to ~1e-6 for the tiny conv encoder), so a run with the cache is bit-identical to
 one without it while batches are the same (the first epoch) and equal to float rounding afterwards.
+
+Reads go through an in-memory LRU layer (``memory_mb``, per process: each DataLoader worker holds its own) keyed
+by the same key, so after the first epoch an entry costs a stat instead of a safetensors open (measured 1-2 ms an
+item on the tiny preset); a changed file still misses because its key changes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -28,18 +34,65 @@ def default_cache_root() -> Path:
     return cache_dir("features")
 
 
+DEFAULT_MEMORY_MB = 1024
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve())  # several syscalls: done once per path
+
+
+def encoder_cache_id(encoder) -> str:
+    """The encoder's id plus the dtype it computes in: bf16 and fp32 features of one clip are different entries."""
+    dtype = next(encoder.parameters()).dtype
+    return f"{encoder.encoder_id}|{str(dtype).removeprefix('torch.')}"
+
+
 class FeatureCache:
-    def __init__(self, root: str | Path, encoder_id: str, sample_rate: int, clip_seconds: float):
+    def __init__(self, root: str | Path, encoder_id: str, sample_rate: int, clip_seconds: float,
+                 memory_mb: float = DEFAULT_MEMORY_MB):
         self.encoder_id, self.sample_rate, self.clip_seconds = encoder_id, sample_rate, clip_seconds
         encoder_key = hashlib.sha256(f"{encoder_id}|{sample_rate}|{clip_seconds}".encode()).hexdigest()[:16]
         self.root = Path(root) / encoder_key
+        self.memory_bytes = int(memory_mb * 2**20)
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory_used = 0
+
+    @classmethod
+    def for_encoder(cls, encoder, root: str | Path | None = None, memory_mb: float = DEFAULT_MEMORY_MB):
+        """The cache of a loaded frozen encoder (the one constructor the trainer and `safe cache-features` share)."""
+        return cls(root or default_cache_root(), encoder_cache_id(encoder), encoder.sample_rate, encoder.clip_seconds,
+                   memory_mb)
+
+    def __getstate__(self):  # DataLoader workers start with an empty memory layer, not a copy of the parent's
+        return {**self.__dict__, "_memory": OrderedDict(), "_memory_used": 0}
 
     def key(self, path: str | Path, window: int) -> str:
-        path = Path(path)
-        stat = path.stat()
-        return json.dumps({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        stat = os.stat(path)
+        return json.dumps({"path": _absolute(str(path)), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                            "encoder": self.encoder_id, "sample_rate": self.sample_rate,
                            "clip_seconds": self.clip_seconds, "window": window}, sort_keys=True)
+
+    def contains(self, path: str | Path, window: int) -> bool:
+        """Whether an entry file exists (not verified: a corrupt one is caught and recomputed when read)."""
+        try:
+            key = self.key(path, window)
+        except OSError:
+            return False
+        return key in self._memory or self._file(key).is_file()
+
+    def _remember(self, key: str, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.memory_bytes:
+            return
+        if key in self._memory:
+            self._memory_used -= self._memory[key].numel() * self._memory[key].element_size()
+        self._memory[key] = features
+        self._memory.move_to_end(key)
+        self._memory_used += size
+        while self._memory_used > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= old.numel() * old.element_size()
 
     def _file(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -50,6 +103,9 @@ class FeatureCache:
             key = self.key(path, window)
         except OSError:
             return None  # a missing clip is the loader's business
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
         file = self._file(key)
         if not file.is_file():
             return None
@@ -60,10 +116,11 @@ class FeatureCache:
                 features = handle.get_tensor("features")
             if not torch.isfinite(features.float()).all():
                 raise ValueError("non-finite features")
-            return features
         except Exception:
             file.unlink(missing_ok=True)  # corrupt or foreign entry: recompute it
             return None
+        self._remember(key, features)
+        return features
 
     def put(self, path: str | Path, window: int, features: torch.Tensor) -> None:
         key = self.key(path, window)
@@ -71,9 +128,11 @@ class FeatureCache:
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".tmp")
         os.close(fd)
+        features = features.detach().to("cpu").clone(memory_format=torch.contiguous_format)  # a copy: a row view would keep its whole batch alive
         try:
-            save_file({"features": features.detach().to("cpu").contiguous()}, tmp, metadata={"key": key})
+            save_file({"features": features}, tmp, metadata={"key": key})
             os.replace(tmp, file)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._remember(key, features)

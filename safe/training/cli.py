@@ -55,6 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--on-bad-sample", choices=("skip", "error"))
     _bool_flag(parser, "feature-cache", "cache frozen audio-encoder outputs on disk (default on)")
     add("--feature-cache-dir", help="feature cache folder (default $SAFE_CACHE_DIR/features)")
+    add("--feature-cache-memory-mb", type=float,
+        help="in-memory layer over the feature cache, per process (default 1024; 0 = off)")
     add("--log-every", type=int, help="log training figures every N optimizer steps")
     _bool_flag(parser, "allow-outside-paths", "accept absolute or escaping media paths in manifests")
     _bool_flag(parser, "progress", "show a progress bar")

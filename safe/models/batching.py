@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from safe.models.prompts import IGNORE_INDEX, caption_prompt, encode_example, expand_image_token, vqa_prompt
@@ -67,28 +68,44 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class BatchBuilder:
     """Turns prompts, answers, images and audio into a ``SafeBatch`` for one tokenizer/processor."""
 
+    MEMO_LIMIT = 1 << 17  # tokenised examples kept (compact int32 arrays, ~40 MB at most)
+
     def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0):
         self.tokenizer, self.image_processor, self.num_image_tokens = tokenizer, image_processor, num_image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Training sees each (prompt, answer) once an epoch; tokenising it costs three tokenizer calls
+        # (~0.2 ms an example, measured: 10 % of a tiny-preset step), so later epochs reuse the ids.
+        self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
+
+    def _example(self, prompt: str, answer: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+        key = (prompt, answer)
+        hit = self._memo.get(key)
+        if hit is None:
+            example = encode_example(self.tokenizer, prompt, answer)
+            hit = (np.asarray(example.input_ids, dtype=np.int32), np.asarray(example.labels, dtype=np.int32),
+                   example.splice_pos)
+            if len(self._memo) < self.MEMO_LIMIT:
+                self._memo[key] = hit
+        return hit
 
     def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        examples = [encode_example(self.tokenizer, p, None if answers is None else answers[i])
-                    for i, p in enumerate(prompts)]
-        width = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        splice = torch.zeros(len(examples), dtype=torch.long)
-        for row, example in enumerate(examples):
-            pad = width - len(example.input_ids)
-            ids[row, pad:] = torch.tensor(example.input_ids)
+        examples = [self._example(p, None if answers is None else answers[i]) for i, p in enumerate(prompts)]
+        width = max(len(ids) for ids, _, _ in examples)
+        ids = np.full((len(examples), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(examples), width), dtype=np.int64)
+        labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+        splice = np.zeros(len(examples), dtype=np.int64)
+        for row, (example_ids, example_labels, splice_pos) in enumerate(examples):
+            pad = width - len(example_ids)
+            ids[row, pad:] = example_ids
             mask[row, pad:] = 1
-            labels[row, pad:] = torch.tensor(example.labels)
-            splice[row] = pad + example.splice_pos
-        return SafeBatch(kind=kind, input_ids=ids, attention_mask=mask, splice_pos=splice,
-                         labels=labels if answers is not None else None, **extra)
+            labels[row, pad:] = example_labels
+            splice[row] = pad + splice_pos
+        return SafeBatch(kind=kind, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                         splice_pos=torch.from_numpy(splice),
+                         labels=torch.from_numpy(labels) if answers is not None else None, **extra)
 
     def caption_batch(self, audio: torch.Tensor | None, captions: list[str] | None = None,
                       question: str | None = None, batch_size: int | None = None, ids=None) -> SafeBatch:

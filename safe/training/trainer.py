@@ -25,7 +25,7 @@ from safe.errors import SafeError
 from safe.eval.evaluator import BasePredictionCache, Evaluator
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.data import BatchStream, load_run_data
-from safe.data.feature_cache import FeatureCache, default_cache_root
+from safe.data.feature_cache import FeatureCache
 from safe.training.features import audio_batch
 from safe.training.distributed import (DistInfo, all_true, any_true, average_gradients, average_tensors, barrier,
                                        broadcast_object, init_distributed)
@@ -126,8 +126,8 @@ class Trainer:
                                f"data were set up for {sample_rate} Hz / {clip_seconds} s")
         self.feature_cache = None
         if config.data.feature_cache:
-            self.feature_cache = FeatureCache(config.data.feature_cache_dir or default_cache_root(),
-                                              encoder.encoder_id, sample_rate, clip_seconds)
+            self.feature_cache = FeatureCache.for_encoder(encoder, config.data.feature_cache_dir,
+                                                          config.data.feature_cache_memory_mb)
             for dataset in self._audio_datasets():
                 dataset.feature_cache = self.feature_cache
         self.params = self.model.named_trainable_parameters()
@@ -320,16 +320,16 @@ class Trainer:
         if config.retention.use_vl:
             self._refresh_retention()
         self.optimizer.zero_grad(set_to_none=True)
-        losses = {"caption_loss": 0.0, "kl_loss": 0.0, "fisher_penalty": 0.0}
-        finite = True
+        # Losses stay tensors until the step ends: one host sync a step instead of one per micro-batch.
+        zero = torch.zeros((), device=self.device)
+        losses = {"caption_loss": zero, "kl_loss": zero, "fisher_penalty": zero}
         for micro in range(accumulation):
             collated = self._next_batch(self.audio_stream)
             batch = audio_batch(self.model, collated, self.feature_cache).to(self.device)
             with self._autocast():
                 loss = self.model(batch, gate=1.0, label_smoothing=config.train.label_smoothing).loss.float()
-            finite &= bool(torch.isfinite(loss))
             (loss / accumulation).backward()
-            losses["caption_loss"] += loss.item() / accumulation
+            losses["caption_loss"] = losses["caption_loss"] + loss.detach() / accumulation
             self.counters["audio_samples"] += batch.size
         if self.null_space is not None:
             self.null_space.project_({n: p.grad for n, p in self.params.items() if p.grad is not None})
@@ -342,17 +342,22 @@ class Trainer:
                 if not batch.has_audio:  # no distractor drawn: the SAFE path is the base, nothing to retain
                     continue
                 kl = self._vl_kl(batch)
-                finite &= bool(torch.isfinite(kl))
                 (config.retention.kl_weight * kl / vl_micro).backward()
-                losses["kl_loss"] += kl.item() / vl_micro
+                losses["kl_loss"] = losses["kl_loss"] + kl.detach() / vl_micro
         if self.fisher is not None and self.fisher.fisher is not None:
             penalty = self.fisher.penalty()
             (config.retention.fisher_weight * penalty).backward()
-            losses["fisher_penalty"] = penalty.item()
-            finite &= bool(torch.isfinite(penalty))
+            losses["fisher_penalty"] = penalty.detach()
         average_gradients(list(self.params.values()), self.dist)  # once per optimizer step (DDP's no_sync)
-        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.params.values() if p.grad is not None)
-        if not all_true(finite and grads_finite, self.dist):
+        # One non-finite check for the whole step: a NaN/inf in any loss or gradient makes the total gradient
+        # norm (computed anyway for clipping) non-finite. Clipping scales gradients in place, so a bad step's
+        # gradients are dropped below before the optimizer could see them.
+        grads = [p for p in self.params.values() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, config.train.grad_clip) if grads else zero
+        figures = torch.stack([grad_norm.float().to(self.device), *losses.values()]).tolist()  # the one sync
+        grad_norm, losses = figures[0], dict(zip(losses, figures[1:]))
+        finite = all(math.isfinite(v) for v in figures)
+        if not all_true(finite, self.dist):
             self.optimizer.zero_grad(set_to_none=True)
             self.counters["nonfinite_skipped_steps"] += 1
             self.counters["consecutive_nonfinite"] += 1
@@ -363,14 +368,13 @@ class Trainer:
             grad_norm = float("nan")
         else:
             self.counters["consecutive_nonfinite"] = 0
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.train.grad_clip))
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        alphas = [float(torch.tanh(p.detach())) for n, p in self.params.items() if n.endswith("alpha")]
-        return {**losses, "grad_norm": grad_norm, "finite": finite and grads_finite,
-                "lr_projector": self.optimizer.param_groups[0]["lr"],
-                "max_abs_tanh_alpha": max((abs(a) for a in alphas), default=None)}
+        alphas = [p.detach().reshape(-1) for n, p in self.params.items() if n.endswith("alpha")]
+        max_alpha = float(torch.tanh(torch.cat(alphas)).abs().max()) if alphas else None
+        return {**losses, "grad_norm": grad_norm, "finite": finite,
+                "lr_projector": self.optimizer.param_groups[0]["lr"], "max_abs_tanh_alpha": max_alpha}
 
     # ---------------------------------------------------------------------------------------- run
 

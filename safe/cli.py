@@ -20,6 +20,7 @@ COMMANDS = [
     (("caption",), "safe.inference", "caption audio files with a trained run"),
     (("ask",), "safe.ask", "ask a trained run a visual question, with or without audio"),
     (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
+    (("cache-features",), "safe.training.cache_features", "encode the audio clips into the feature cache ahead of training"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),
     (("data", "prepare"), "safe.data.prepare", "convert official AudioCaps/VQA/WavCaps files to manifests"),

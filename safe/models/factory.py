@@ -80,6 +80,19 @@ def build_safe_model(preset: ModelPreset, device: str | torch.device | None = No
     return SAFEModel(base, processor, encoder, preset, base_name=name)
 
 
+def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None = None, log=print) -> FrozenAudioEncoder:
+    """The preset's frozen audio encoder alone, loaded exactly as build_safe_model loads it (same weights,
+    device and dtype), so features computed with it land on the trainer's feature-cache entries."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    tiny_dir = None
+    if preset.base_model == "tiny":  # the tiny encoder is saved inside the tiny base's cache entry
+        from safe.models.tiny_base import ensure_tiny_base
+
+        tiny_dir = ensure_tiny_base(preset.tiny_seed, log=log)
+    dtype = default_dtype(device) if preset.audio_encoder != "tiny" else None
+    return load_audio_encoder(preset, device, dtype, tiny_dir)
+
+
 # ------------------------------------------------------------------------------------------ meta
 
 

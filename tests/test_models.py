@@ -97,6 +97,30 @@ def test_prompt_labels_only_on_answer_and_eos(parts):
     assert vqa_prompt("q?") == "USER: <image>\nq?\nAnswer the question using a single word or phrase. ASSISTANT:"
 
 
+def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
+    from safe.models.batching import BatchBuilder
+
+    tokenizer, processor = parts[0], parts[1]
+    prompts = [vqa_prompt(q) for q in ("what color is the circle?", "how many shapes are there?", "is there a red square?")]
+    answers = ["red", "2", "no"]
+    warm = BatchBuilder(tokenizer)
+    first = warm.encode("vl", prompts, answers)
+    again = warm.encode("vl", prompts, answers)                 # every row from the memo
+    assert len(warm._memo) == 3
+    for a, b in ((first.input_ids, again.input_ids), (first.labels, again.labels), (first.splice_pos, again.splice_pos)):
+        assert torch.equal(a, b)
+    for row in range(3):                                        # each row alone, from a fresh builder
+        alone = BatchBuilder(tokenizer).encode("vl", [prompts[row]], [answers[row]])
+        width = alone.input_ids.shape[1]
+        assert torch.equal(first.input_ids[row, -width:], alone.input_ids[0])
+        assert torch.equal(first.labels[row, -width:], alone.labels[0])
+        assert first.splice_pos[row] - (first.input_ids.shape[1] - width) == alone.splice_pos[0]
+        single = encode_example(tokenizer, prompts[row], answers[row])
+        assert alone.input_ids[0].tolist() == single.input_ids and alone.labels[0].tolist() == single.labels
+    # The same prompt with and without an answer are different entries (generation batches have no labels).
+    assert warm.encode("vl", prompts[:1]).labels is None
+
+
 def test_batches_are_left_padded_with_positions_from_first_token(parts):
     model = make_model(parts, perturb=False)
     batch = vl_batch(model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from safe.models.prompts import IGNORE_INDEX, caption_prompt, encode_example, expand_image_token, vqa_prompt
+from safe.models.prompts import IGNORE_INDEX, caption_prompt, encode_examples, expand_image_token, vqa_prompt
 
 
 @dataclass
@@ -68,30 +68,32 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class BatchBuilder:
     """Turns prompts, answers, images and audio into a ``SafeBatch`` for one tokenizer/processor."""
 
-    MEMO_LIMIT = 1 << 17  # tokenised examples kept (compact int32 arrays, ~40 MB at most)
+    MEMO_LIMIT = 1 << 17  # tokenised examples kept (small arrays: tens of MB at most)
 
     def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0):
         self.tokenizer, self.image_processor, self.num_image_tokens = tokenizer, image_processor, num_image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # Training sees each (prompt, answer) once an epoch; tokenising it costs three tokenizer calls
-        # (~0.2 ms an example, measured: 10 % of a tiny-preset step), so later epochs reuse the ids.
+        # Training sees each (prompt, answer) once an epoch: later epochs reuse its ids instead of tokenising again.
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
 
-    def _example(self, prompt: str, answer: str | None) -> tuple[np.ndarray, np.ndarray, int]:
-        key = (prompt, answer)
-        hit = self._memo.get(key)
-        if hit is None:
-            example = encode_example(self.tokenizer, prompt, answer)
-            hit = (np.asarray(example.input_ids, dtype=np.int32), np.asarray(example.labels, dtype=np.int32),
-                   example.splice_pos)
-            if len(self._memo) < self.MEMO_LIMIT:
-                self._memo[key] = hit
-        return hit
+    def _examples(self, prompts: list[str], answers: list[str] | None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        keys = [(p, None if answers is None else answers[i]) for i, p in enumerate(prompts)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        fresh = {}
+        if missing:
+            encoded = encode_examples(self.tokenizer, [p for p, _ in missing],
+                                      None if answers is None else [a for _, a in missing])
+            for key, example in zip(missing, encoded):
+                fresh[key] = (np.asarray(example.input_ids, dtype=np.int32),
+                              np.asarray(example.labels, dtype=np.int32), example.splice_pos)
+                if len(self._memo) < self.MEMO_LIMIT:
+                    self._memo[key] = fresh[key]
+        return [fresh[k] if k in fresh else self._memo[k] for k in keys]
 
     def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        examples = [self._example(p, None if answers is None else answers[i]) for i, p in enumerate(prompts)]
+        examples = self._examples(prompts, answers)
         width = max(len(ids) for ids, _, _ in examples)
         ids = np.full((len(examples), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(examples), width), dtype=np.int64)

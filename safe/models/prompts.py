@@ -43,13 +43,13 @@ class Encoded:
     prompt_len: int
 
 
-def splice_position(tokenizer, prompt_ids: list[int]) -> int:
+def splice_position(tokenizer, prompt_ids: list[int], head: list[int] | None = None) -> int:
     """Index of the first token after ``USER:`` in ``prompt_ids``.
 
-    Found by tokenising ``USER:`` alone and checking it is a prefix of the prompt, so the splice
-    point always lies on a token boundary of the very ids the base model sees.
+    Found by tokenising ``USER:`` alone (``head``, when the caller already has it) and checking it is a
+    prefix of the prompt, so the splice point always lies on a token boundary of the very ids the base model sees.
     """
-    head = tokenizer(SPLICE_AFTER, add_special_tokens=True)["input_ids"]
+    head = head if head is not None else tokenizer(SPLICE_AFTER, add_special_tokens=True)["input_ids"]
     if prompt_ids[: len(head)] != head:
         raise SafeError(
             f"The tokenizer does not split the prompt after '{SPLICE_AFTER}' on a token boundary; "
@@ -60,21 +60,38 @@ def splice_position(tokenizer, prompt_ids: list[int]) -> int:
 
 def encode_example(tokenizer, prompt: str, answer: str | None = None, add_eos: bool = True) -> Encoded:
     """Token ids for ``prompt`` (+ ``answer`` + eos when an answer is given)."""
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    labels = [IGNORE_INDEX] * len(prompt_ids)
-    ids = list(prompt_ids)
-    if answer is not None:
-        answer_ids = _answer_ids(tokenizer, prompt, prompt_ids, answer.strip())
-        if add_eos:
-            answer_ids.append(tokenizer.eos_token_id)
-        ids += answer_ids
-        labels += answer_ids
-    return Encoded(ids, labels, splice_position(tokenizer, prompt_ids), len(prompt_ids))
+    return encode_examples(tokenizer, [prompt], None if answer is None else [answer], add_eos)[0]
 
 
-def _answer_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
-    """Answer ids exactly as they follow the prompt (sentencepiece merges depend on context)."""
-    full = list(tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"])
+def encode_examples(tokenizer, prompts: list[str], answers: list[str] | None = None,
+                    add_eos: bool = True) -> list[Encoded]:
+    """``encode_example`` for many examples with batched tokenizer calls (one call per distinct text list
+    instead of three per example: the per-call overhead dominated a training step's tokenisation)."""
+    head = tokenizer(SPLICE_AFTER, add_special_tokens=True)["input_ids"]
+    distinct = list(dict.fromkeys(prompts))
+    prompt_ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=True)["input_ids"]))
+    if answers is not None:
+        answers = [a.strip() for a in answers]
+        joined = tokenizer([p + " " + a for p, a in zip(prompts, answers)], add_special_tokens=True)["input_ids"]
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = list(prompt_ids[prompt])
+        labels = [IGNORE_INDEX] * len(ids)
+        splice = splice_position(tokenizer, ids, head)
+        prompt_len = len(ids)
+        if answers is not None:
+            answer_ids = _answer_ids(tokenizer, ids, list(joined[i]), answers[i])
+            if add_eos:
+                answer_ids.append(tokenizer.eos_token_id)
+            ids += answer_ids
+            labels += answer_ids
+        out.append(Encoded(ids, labels, splice, prompt_len))
+    return out
+
+
+def _answer_ids(tokenizer, prompt_ids: list[int], full: list[int], answer: str) -> list[int]:
+    """Answer ids exactly as they follow the prompt in ``full`` = ids of prompt + " " + answer (sentencepiece
+    merges depend on context); the answer alone when the prompt's ids are not a prefix of ``full``."""
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return full[len(prompt_ids):]
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"])

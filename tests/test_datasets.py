@@ -153,6 +153,24 @@ def test_vqa_dataset_and_collate(tmp_path):
     assert batch["answers"] == [["x"] * 10] and batch["skipped"][0]["id"] == 2
 
 
+def test_vqa_images_preprocessed_in_loader_workers_equal_the_batch_processor(toy_world):
+    from safe.models.batching import BatchBuilder
+    from safe.models.tiny_base import build_processor, build_tokenizer
+
+    processor = build_processor(build_tokenizer(["what color is the circle ? red"]))
+    plain = VQADataset(toy_world, "val", max_samples=6)
+    prepared = VQADataset(toy_world, "val", max_samples=6)
+    prepared.image_processor = processor.image_processor
+    loader = DataLoader(prepared, batch_size=6, num_workers=2, collate_fn=collate_samples)
+    (from_workers,) = list(loader)
+    from_images = collate_samples([plain[i] for i in range(6)])
+    assert from_workers["images"] is None and from_workers["pixel_values"].shape[0] == 6
+    builder = BatchBuilder(processor.tokenizer, processor.image_processor, 9)
+    a = builder.from_collated(from_workers, with_answers=True)
+    b = builder.from_collated(from_images, with_answers=True)
+    assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.input_ids, b.input_ids)
+
+
 def test_collate_refuses_mixed_batches(audio_root, tmp_path):
     audio_item = AudioCapsDataset(audio_root, "train", sample_rate=16000, clip_seconds=0.1)[0]
     batch = collate_samples([audio_item, audio_item])

@@ -79,6 +79,8 @@ class Evaluator:
         self.feature_cache = None  # set by the trainer when the feature cache is on
         self.audio_val = audio_val
         self.vqa_val = vqa_val
+        if vqa_val is not None:  # images preprocessed in the loader workers, not in the evaluation loop
+            vqa_val.image_processor = model.builder.image_processor
         self.distractor_pool = distractor_pool
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None

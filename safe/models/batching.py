@@ -118,11 +118,14 @@ class BatchBuilder:
         return self.encode("audio", [caption_prompt(question)] * n, captions, audio=audio, ids=ids)
 
     def vqa_batch(self, images, questions: list[str], answers: list[str] | None = None,
-                  audio: torch.Tensor | None = None, ids=None) -> SafeBatch:
-        """VQA with one image per question; ``answers`` given -> training batch (one answer string each)."""
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+                  audio: torch.Tensor | None = None, ids=None, pixel_values: torch.Tensor | None = None) -> SafeBatch:
+        """VQA with one image per question; ``answers`` given -> training batch (one answer string each).
+        ``pixel_values`` already preprocessed (e.g. by loader workers) replace ``images``."""
+        count = len(pixel_values) if pixel_values is not None else len(images)
+        if count != len(questions):
+            raise ValueError(f"{count} images but {len(questions)} questions")
+        if pixel_values is None:
+            pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         prompts = [expand_image_token(vqa_prompt(q), self.num_image_tokens) for q in questions]
         return self.encode("vl", prompts, answers, pixel_values=pixel_values, audio=audio, ids=ids)
 
@@ -137,5 +140,5 @@ class BatchBuilder:
         if kind == "vl":
             answers = collated.get("multiple_choice_answers") if with_answers else None
             return self.vqa_batch(collated["images"], collated["questions"], answers, audio=audio,
-                                  ids=collated.get("ids"))
+                                  ids=collated.get("ids"), pixel_values=collated.get("pixel_values"))
         raise ValueError(f"cannot build a model batch from kind {kind!r}")

@@ -107,12 +107,14 @@ class _AudioDataset(_ManifestDataset):
             item["path"] = self.resolve(item, "audio_path")
 
     def set_epoch(self, epoch: int) -> None:
-        """New random crops each epoch (a DataLoader without persistent workers re-pickles the dataset)."""
+        """New random crops each epoch. Persistent loader workers keep their own copy of the dataset, so the
+        training stream passes (epoch, index) pairs instead; a plain index uses this epoch."""
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         item = self.items[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.training else None
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.training else None
         sample = {"kind": "audio", "id": item["id"], "caption": item["references"][0],
                   "references": list(item["references"]), "audio_path": str(item["path"])}
         try:
@@ -189,8 +191,8 @@ class VQADataset(_ManifestDataset):
         # DataLoader workers, instead of in the training loop (CLIP preprocessing at 336 px is several ms an image).
         self.image_processor = None
 
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        item = self.items[index[1] if isinstance(index, tuple) else index]  # (epoch, index): the epoch is unused
         try:
             image = load_image(item["path"])
         except ImageLoadError as exc:

@@ -6,6 +6,7 @@ uninterrupted one would have seen, starting from the saved position, without sto
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
     audio_train: Dataset = AudioCapsDataset(data.data_root, "train", training=True, **audio)
     if data.use_wavcaps:
         wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, **audio)
-        audio_train = ConcatDataset([audio_train, wavcaps])
+        audio_train = EpochConcatDataset([audio_train, wavcaps])
     audio_val = AudioCapsDataset(data.data_root, data.audio_eval_split, training=False,
                                  max_samples=data.max_audio_eval_samples, **audio)
     vqa_train = VQADataset(data.data_root, "train", **common) if config.retention.use_vl else None
@@ -78,6 +79,7 @@ class BatchStream:
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.epoch, self.consumed = 0, 0
         self._iterator = None
+        self._loader = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -93,11 +95,17 @@ class BatchStream:
         for part in getattr(self.dataset, "datasets", [self.dataset]):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(self.epoch)
-        batches = rank_batches(len(self.dataset), self.batch_size, self.seed, self.stream, self.epoch,
-                               self.consumed, self.rank, self.world_size)
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate_samples,
-                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
-        self._iterator = iter(loader)
+        if self._loader is None:
+            # One loader for the whole run: persistent workers keep their feature-cache memory and skip a
+            # re-fork per epoch; the epoch reaches them inside each index as an (epoch, index) pair.
+            self._loader = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=collate_samples,
+                                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                      persistent_workers=self.num_workers > 0)
+        self._iterator = iter(self._loader)
+
+    def close(self) -> None:
+        """Shut the loader's workers down (a later next() starts a new loader)."""
+        self._iterator = self._loader = None
 
     def next(self) -> dict:
         """The next batch; rolls over to the next epoch at the end of one."""
@@ -111,3 +119,30 @@ class BatchStream:
                 continue
             self.consumed += self.batch_size * self.world_size
             return batch
+
+
+class _EpochBatches:
+    """The batch sampler of a BatchStream's loader: this rank's batches of the stream's current epoch from its
+    current position, as (epoch, index) pairs. Iterated in the main process when an epoch starts."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def __iter__(self):
+        s = self.stream
+        epoch = s.epoch
+        for batch in rank_batches(len(s.dataset), s.batch_size, s.seed, s.stream, epoch, s.consumed, s.rank,
+                                  s.world_size):
+            yield [(epoch, index) for index in batch]
+
+
+class EpochConcatDataset(ConcatDataset):
+    """ConcatDataset that also routes (epoch, index) pairs to the right part."""
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            return super().__getitem__(index)
+        epoch, index = index
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        offset = self.cumulative_sizes[part - 1] if part else 0
+        return self.datasets[part][(epoch, index - offset)]

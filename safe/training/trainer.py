@@ -441,6 +441,9 @@ class Trainer:
                     bar.write(f"stopped by a signal at step {self.step}; checkpoint saved in {self.run_dir}")
                     break
         bar.close()
+        for stream in (self.audio_stream, self.vl_stream):  # stop the persistent loader workers
+            if stream is not None:
+                stream.close()
         if status == "completed":
             self.evaluate()
             self.save()

@@ -42,8 +42,6 @@ def test_tiny_base_is_built_once_then_loaded_from_cache(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap, tracked in the model issue: the default recipe reaches "
-                   "0.80-0.84 official VQA accuracy on the medium toy world's val split (target 0.85)")
 def test_default_tiny_base_answers_toy_vqa():
     """The real default build (medium toy world, the same cache entry every other test uses): >= 0.85 official
     VQA accuracy on its val split."""

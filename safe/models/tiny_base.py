@@ -32,15 +32,19 @@ import torch.nn.functional as F
 
 from safe.models.prompts import CAPTION_PROMPT, DEFAULT_CAPTION_QUESTION, IMAGE_TOKEN, VQA_PROMPT
 
-FORMAT_VERSION = 2  # bump whenever the build recipe changes: it is part of the cache key
+FORMAT_VERSION = 3  # bump whenever the build recipe changes: it is part of the cache key
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 IMAGE_SIZE, PATCH_SIZE = 48, 16
 TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
-TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_batch=64, align_steps=0, align_lr=3e-3, llm_steps=1200,
-             llm_lr=3e-3, vqa_batch=32, composed_fraction=0.0, text_batch=16, warmup=50)
+TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_weight_decay=0.3, vision_batch=64, align_steps=0,
+             align_lr=3e-3, llm_steps=1200, llm_lr=3e-3, llm_weight_decay=0.3, vqa_batch=32, composed_fraction=0.0,
+             text_batch=16, warmup=50)
+# Weight decay 0.3 (vision tower and LLM), measured on the medium world at 1200 steps: toy VQA val accuracy 0.864,
+# against 0.839 with (0, 0.01), 0.842 with (0, 0.3) and 0.818 with (0.1, 0.1). Strong decay also learns faster
+# (0.76 vs 0.65 after 300 steps): it keeps the small LLM from memorising the 2000 training questions.
 # composed_fraction > 0 mixes in scenes recombined from the world's cells (_CellComposer). Measured on
 # the medium world at 1200 steps it generalised worse (77 % vs 84 % val) than the world's own
 # questions: fresh scenes need more steps than the 3-minute budget allows, so it is off by default.
@@ -279,7 +283,7 @@ def _pretrain_vision(model, pixels, shapes, colors, seed: int, log, cfg: dict) -
     hidden = vision.config.hidden_size
     heads = torch.nn.Linear(hidden, len(SHAPES) + 1 + len(COLORS) + 1)
     params = list(vision.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg["vision_lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg["vision_lr"], weight_decay=cfg["vision_weight_decay"])
     generator = torch.Generator().manual_seed(seed + 1)
     vision.train()
     for step in range(cfg["vision_steps"]):
@@ -341,7 +345,7 @@ def _train_llm(model, builder, vqa_rows, row_image, pixels, composer, captions, 
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg["llm_lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(params, lr=cfg["llm_lr"], weight_decay=cfg["llm_weight_decay"], betas=(0.9, 0.98))
     rng = random.Random(seed + 2)
     tokenizer = builder.tokenizer
     model.train()

@@ -17,7 +17,8 @@ Variants: no_retention with xattn and with prefix fusion (audio micro-batch only
 each after a warm-up that fills the feature cache and the base-answer (KL target) table.
 Goal: ratio <= 1.15.
 
-    python benchmarks/bench_step.py [--steps 12] [--threads 1] [--batch-size 8] [--variants no_retention:xattn,...]
+    python benchmarks/bench_step.py [--steps 12] [--threads 1] [--batch-size 8] [--num-workers 0,2]
+                                    [--variants no_retention:xattn,...]
 """
 
 from __future__ import annotations
@@ -78,96 +79,6 @@ def time_limit(model, calls: list[dict], extra_tokens: int = 0) -> float:
         bare_forward_backward(model, call["batch"], call["label_smoothing"], backward=call["grad"],
                               extra_tokens=extra_tokens if call["grad"] and call["batch"].kind == "audio" else 0)
     return time.perf_counter() - start
-
-
-# ------------------------------------------------------------------------------ proposed patches
-
-PATCH_NOTES = {
-    "fused_adamw": "AdamW(..., fused=True): one kernel over all trainable tensors instead of a Python loop per tensor",
-    "memo_features": "FeatureCache.get keeps entries in memory too (keyed by the same key, so a changed file "
-                     "still misses): no safetensors open per item after the first epoch",
-    "memo_audio_info": "audio_info memoised per (path, size, mtime_ns): the window choice needs only the frame count",
-    "memo_resolve": "FeatureCache.key resolves each clip path once (realpath costs several syscalls per call)",
-    "train_mode_once": "SAFEModel.train() is a no-op when the mode is unchanged (it walks every base module)",
-}
-
-
-def apply_patches() -> dict:
-    """Monkeypatch the optimisations proposed for the trainer/data path (this process only; no file edited).
-    Returns the originals so they can be restored."""
-    import functools
-    from pathlib import Path as _Path
-
-    import safe.data.datasets as datasets
-    import safe.data.feature_cache as feature_cache
-    from safe.models.safe_model import SAFEModel
-
-    originals = {"AdamW": torch.optim.AdamW, "audio_info": datasets.audio_info, "get": feature_cache.FeatureCache.get,
-                 "key": feature_cache.FeatureCache.key, "train": SAFEModel.train}
-
-    class FusedAdamW(torch.optim.AdamW):
-        def __init__(self, params, **kwargs):
-            super().__init__(params, fused=True, **kwargs)
-
-    torch.optim.AdamW = FusedAdamW
-
-    infos: dict = {}
-
-    def audio_info(path):
-        stat = _Path(path).stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in infos:
-            infos[key] = originals["audio_info"](path)
-        return infos[key]
-
-    datasets.audio_info = audio_info
-    resolved = functools.lru_cache(maxsize=1 << 20)(lambda text: str(_Path(text).resolve()))
-
-    def key(self, path, window):
-        import json as _json
-
-        stat = _Path(path).stat()
-        return _json.dumps({"path": resolved(str(path)), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "encoder": self.encoder_id, "sample_rate": self.sample_rate,
-                            "clip_seconds": self.clip_seconds, "window": window}, sort_keys=True)
-
-    feature_cache.FeatureCache.key = key
-    memory: dict = {}
-
-    def get(self, path, window):
-        try:
-            k = self.key(path, window)
-        except OSError:
-            return None
-        if k not in memory:
-            features = originals["get"](self, path, window)
-            if features is None:
-                return None
-            memory[k] = features
-        return memory[k]
-
-    feature_cache.FeatureCache.get = get
-
-    def train(self, mode=True):
-        if self.training == mode and getattr(self, "_mode_set", False):
-            return self
-        self._mode_set = True
-        return originals["train"](self, mode)
-
-    SAFEModel.train = train
-    return originals
-
-
-def restore_patches(originals: dict) -> None:
-    import safe.data.datasets as datasets
-    import safe.data.feature_cache as feature_cache
-    from safe.models.safe_model import SAFEModel
-
-    torch.optim.AdamW = originals["AdamW"]
-    feature_cache.FeatureCache.get = originals["get"]
-    datasets.audio_info = originals["audio_info"]
-    feature_cache.FeatureCache.key = originals["key"]
-    SAFEModel.train = originals["train"]
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -248,7 +159,7 @@ class Instrumented:
 
 
 def run_variant(world: Path, work: Path, variant: str, fusion: str, steps: int, warmup: int, batch_size: int,
-                num_workers: int = 0, patched: bool = False) -> dict:
+                num_workers: int = 0) -> dict:
     from safe.training.trainer import Trainer
 
     config = trainer_config(world, work, variant=variant, fusion=fusion, train_batch_size=batch_size,
@@ -278,7 +189,7 @@ def run_variant(world: Path, work: Path, variant: str, fusion: str, steps: int, 
     breakdown = {n: round(median([p.get(n, 0.0) for p in parts_all]) * 1000, 2) for n in names}
     model_ms = sum(breakdown.get(n, 0.0) for n in ("forward_student", "forward_teacher", "backward"))
     result = {
-        "variant": variant, "fusion": fusion, "patched": patched, "num_workers": num_workers,
+        "variant": variant, "fusion": fusion, "num_workers": num_workers,
         "batch_size": batch_size, "steps_measured": steps,
         "tokens_per_step": int(median(tokens)),
         "step_ms": round(step * 1000, 2), "limit_ms": round(limit * 1000, 2),
@@ -302,10 +213,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: steadier numbers on a shared machine)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated variant:fusion pairs")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="loader workers (0: loading is serial, its whole cost shows in the step)")
-    parser.add_argument("--patched", action="store_true",
-                        help="also measure each variant with the proposed optimisations monkeypatched in")
+    parser.add_argument("--num-workers", default="0,2",
+                        help="comma-separated loader worker counts to measure (0: loading is serial, its whole cost "
+                             "shows in the step; 2: the default of `safe train`)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -313,26 +223,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         world = toy_world(work / "world")
-        for spec in args.variants.split(","):
-            variant, fusion = spec.split(":")
-            for patched in ([False, True] if args.patched else [False]):
-                originals = apply_patches() if patched else None
-                try:
-                    r = run_variant(world, work, variant, fusion, args.steps, args.warmup, args.batch_size,
-                                    args.num_workers, patched)
-                finally:
-                    if originals:
-                        restore_patches(originals)
+        for workers in [int(n) for n in str(args.num_workers).split(",")]:
+            for spec in args.variants.split(","):
+                variant, fusion = spec.split(":")
+                r = run_variant(world, work, variant, fusion, args.steps, args.warmup, args.batch_size, workers)
                 results.append(r)
-                print(f"{variant:>15} {fusion:>6}{' patched' if patched else ''}: step {r['step_ms']:.1f} ms  "
+                print(f"{variant:>15} {fusion:>6} workers {workers}: step {r['step_ms']:.1f} ms  "
                       f"limit {r['limit_ms']:.1f} ms  ratio {r['ratio']:.3f}  (model-only {r['model_ratio']:.3f})  "
                       f"{r['breakdown_ms']}", flush=True)
     summary = {"preset": "tiny", "device": "cpu" if not torch.cuda.is_available() else "cuda",
-               "goal_ratio": GOAL, "threads": args.threads, "num_workers": args.num_workers,
-               "ratios": {f"{r['variant']}:{r['fusion']}": r["ratio"] for r in results if not r["patched"]}}
-    if args.patched:
-        summary["ratios_patched"] = {f"{r['variant']}:{r['fusion']}": r["ratio"] for r in results if r["patched"]}
-        summary["patches"] = PATCH_NOTES
+               "goal_ratio": GOAL, "threads": args.threads, "batch_size": args.batch_size,
+               "ratios": {f"{r['variant']}:{r['fusion']}:workers{r['num_workers']}": r["ratio"] for r in results}}
     write_result("step", {**summary, "results": results}, args.out)
 
 

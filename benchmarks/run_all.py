@@ -23,7 +23,8 @@ def main() -> None:
     runs = [
         ("audio_loading", ["bench_audio_loading.py", *(["--clips", "12", "--repeats", "2"] if quick else [])]),
         ("feature_cache", ["bench_feature_cache.py"]),
-        ("step", ["bench_step.py", "--patched", *(["--steps", "5", "--warmup", "2"] if quick else [])]),
+        ("step", ["bench_step.py", *(["--steps", "5", "--warmup", "2"] if quick else [])]),
+        ("teacher", ["bench_teacher.py", *(["--repeats", "3"] if quick else [])]),
         ("eval", ["bench_eval.py", *(["--repeats", "1"] if quick else [])]),
         ("memory", ["bench_memory.py"]),
     ]
@@ -36,8 +37,7 @@ def main() -> None:
             failed.append(name)
             continue
         result = json.loads((HERE / "results" / f"{name}.json").read_text())
-        keys = [k for k in result if k.startswith("ratio") or k.endswith("speedup") or k == "ratios"
-                or k == "ratios_patched"]
+        keys = [k for k in result if k.startswith("ratio") or k.endswith("speedup")]
         summary[name] = {k: result[k] for k in keys}
         summary[name]["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, indent=2))

@@ -109,10 +109,15 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def run_fusion(base, encoder, shape, fusion, batch, device, steps, warmup, peak) -> dict:
+def run_fusion(base, encoder, shape, spec, batch, device, steps, warmup, peak) -> dict:
+    """One Stage A configuration: ``spec`` is a fusion, optionally with ``:ckpt`` (activation checkpointing)."""
     from bench_step import bare_forward_backward
+    from safe.models.checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 
+    fusion, _, option = spec.partition(":")
     model = safe_model(base, encoder, shape, fusion)
+    if option == "ckpt":
+        enable_activation_checkpointing(model)
     model.train()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -126,9 +131,12 @@ def run_fusion(base, encoder, shape, fusion, batch, device, steps, warmup, peak)
         optimizer.step()
         return loss
 
-    def limit():
+    def limit():  # the bare base without checkpointing: a :ckpt ratio shows the recomputation's cost
+        disable_activation_checkpointing(model)
         with autocast(device):
             bare_forward_backward(model, batch, 0.1)
+        if option == "ckpt":
+            enable_activation_checkpointing(model)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +157,8 @@ def run_fusion(base, encoder, shape, fusion, batch, device, steps, warmup, peak)
     trainable = sum(p.numel() for p in params)
     tokens = int(batch.attention_mask.sum()) + (batch.size * shape["num_audio_tokens"] if fusion == "prefix" else 0)
     n_active = llm + trainable
-    result = {"fusion": fusion, "batch_size": batch.size, "tokens_per_step": tokens,
+    result = {"fusion": fusion, "activation_checkpointing": option == "ckpt", "batch_size": batch.size,
+              "tokens_per_step": tokens,
               "step_ms": round(step_s * 1000, 2), "limit_ms": round(limit_s * 1000, 2),
               "ratio_vs_limit": round(step_s / limit_s, 3), "tokens_per_s": round(tokens / step_s, 1),
               "n_active": n_active, "trainable_params": trainable,
@@ -160,6 +169,7 @@ def run_fusion(base, encoder, shape, fusion, batch, device, steps, warmup, peak)
     if device.type == "cuda":
         torch.cuda.synchronize()
     model.fusion.detach() if model.fusion is not None else None  # the next fusion attaches to the same base
+    disable_activation_checkpointing(model)
     del optimizer, model
     return result
 
@@ -171,7 +181,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="prompt + caption tokens per row")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--fusions", default="xattn,prefix")
+    parser.add_argument("--fusions", default="xattn,prefix,xattn:ckpt",
+                        help="configurations to time; ':ckpt' adds activation checkpointing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 dense peak")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -206,7 +217,7 @@ def main() -> None:
     for fusion in args.fusions.split(","):
         r = run_fusion(base, encoder, shape, fusion, batch, device, steps, warmup, peak)
         results.append(r)
-        print(f"{fusion:>6}: step {r['step_ms']:.1f} ms (limit {r['limit_ms']:.1f} ms, ratio {r['ratio_vs_limit']:.3f}), "
+        print(f"{fusion:>10}: step {r['step_ms']:.1f} ms (limit {r['limit_ms']:.1f} ms, ratio {r['ratio_vs_limit']:.3f}), "
               f"{r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}% (6N; 4N: {100 * r['mfu_4n']:.1f}%), "
               f"peak memory {r['peak_memory_gib']:.2f} GiB", flush=True)
     out = args.out or _common.RESULTS / ("gpu_check_cpu_smoke.json" if smoke else "gpu_check.json")

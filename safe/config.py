@@ -136,6 +136,7 @@ class TrainConfig:
     num_beams: int = 1
     max_consecutive_nonfinite: int = 10
     bf16: bool = True  # autocast on CUDA only
+    activation_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
     resume: str | None = None  # "auto" (latest in output dir) or a run directory
     progress: bool = True
     tensorboard: bool | None = None  # None: on when the tensorboard package is installed

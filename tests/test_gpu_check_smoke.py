@@ -15,7 +15,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["shape"] == "smoke" and record["machine"]
-    assert [r["fusion"] for r in record["results"]] == ["xattn", "prefix"]
+    assert [(r["fusion"], r["activation_checkpointing"]) for r in record["results"]] == \
+        [("xattn", False), ("prefix", False), ("xattn", True)]
     for r in record["results"]:
         assert r["step_ms"] > 0 and r["limit_ms"] > 0 and r["tokens_per_s"] > 0
         assert 0 < r["mfu"] < 1 and r["trainable_params"] > 0

@@ -318,3 +318,44 @@ def test_bf16_base_with_fp32_trainable_parts(parts, fusion):
     with torch.no_grad():
         assert torch.equal(model(batch, gate=0.0).logits, base_logits(pristine, model, batch))
     assert len(model.generate(vl_batch(model, answers=False), max_new_tokens=2, num_beams=2)) == 3
+
+
+# ------------------------------------------------------------------------------ activation checkpointing
+
+
+def _grads_and_saved_bytes(model, batch):
+    """Trainable-parameter gradients of one loss, and the bytes autograd saved for the backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch, gate=1.0, label_smoothing=0.1)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters().items() if p.grad is not None}
+    return grads, sum(saved), out.logits.detach()
+
+
+@pytest.mark.parametrize("fusion,lora", [("xattn", 0), ("xattn", 4), ("prefix", 0), ("prefix", 4)])
+def test_activation_checkpointing_keeps_gradients_and_saves_less(parts, fusion, lora):
+    from safe.models.checkpointing import enable_activation_checkpointing
+
+    model = make_model(parts, fusion, lora)
+    model.train()
+    batch = caption_batch(model)
+    plain, plain_bytes, plain_logits = _grads_and_saved_bytes(model, batch)
+    assert enable_activation_checkpointing(model) == parts[2].config.text_config.num_hidden_layers
+    checkpointed, checkpointed_bytes, logits = _grads_and_saved_bytes(model, batch)
+    assert torch.equal(logits, plain_logits)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(model.named_trainable_parameters())
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+    assert checkpointed_bytes < 0.7 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    if lora:
+        assert model.lora.on is False  # the recomputation left LoRA off outside the SAFE path
+    # No-grad paths (teacher, generation) are untouched: the base at gate 0 still equals the bare base.
+    with torch.no_grad():
+        assert torch.equal(model(batch, gate=0.0).logits, base_logits(parts[2], model, batch))

@@ -186,3 +186,15 @@ def test_metrics_json_survives_a_kill_mid_run(toy_world, tmp_path):
     metrics = json.loads(metrics_path.read_text())  # the last good state, never a torn file
     assert metrics["history"] and metrics["training"]["status"] == "running"
     assert metrics["validation"]["gate0_exact"] is True
+
+
+def test_activation_checkpointing_trains_bit_identically(toy_world, tmp_path):
+    """Soft retention (student, teacher and KL) with LoRA, with and without activation checkpointing."""
+    runs = {}
+    for on in (False, True):
+        trainer = Trainer(config(toy_world, tmp_path / str(on), variant="soft_retention", max_steps=3, lora_rank=2,
+                                 seed=4, activation_checkpointing=on))
+        for _ in range(3):
+            trainer.train_step()
+        runs[on] = _weights(trainer)
+    assert all(torch.equal(runs[False][n], runs[True][n]) for n in runs[False])

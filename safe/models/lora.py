@@ -40,6 +40,7 @@ class LoraSwitch:
         self.set(False)
 
     def set(self, enabled: bool) -> None:
+        self.on = enabled
         flags = [p.requires_grad for p in self.params]
         for layer in self.layers:
             layer.enable_adapters(enabled)

@@ -216,16 +216,18 @@ class SAFEModel(nn.Module):
         gate == 0 or a batch without audio -> the bare base model, bit for bit."""
         tokens = self._audio_tokens(batch, audio_tokens) if gate != 0 else None
         labels = batch.labels.to(self.device) if batch.labels is not None else None
+        # use_cache=False: one full pass, no KV cache to fill (a cache would also break the recomputation of
+        # activation checkpointing, which replays each layer's forward).
         if tokens is None:
-            logits = self.base(**self.base_inputs(batch)).logits
+            logits = self.base(**self.base_inputs(batch), use_cache=False).logits
             return self._finish(logits, labels, label_smoothing, safe_path=False)
         with self._safe_path(tokens, gate):
             if self.preset.fusion == "prefix":
                 embeds, mask, labels = self._prefix_inputs(batch, tokens, gate)
                 logits = self.base(inputs_embeds=embeds, attention_mask=mask,
-                                   position_ids=position_ids_from_mask(mask)).logits
+                                   position_ids=position_ids_from_mask(mask), use_cache=False).logits
             else:
-                logits = self.base(**self.base_inputs(batch)).logits
+                logits = self.base(**self.base_inputs(batch), use_cache=False).logits
         return self._finish(logits, labels, label_smoothing, safe_path=True)
 
     def _finish(self, logits, labels, label_smoothing, safe_path) -> SafeOutput:

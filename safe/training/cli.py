@@ -58,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--feature-cache-memory-mb", type=float,
         help="in-memory layer over the feature cache, per process (default 1024; 0 = off)")
     add("--log-every", type=int, help="log training figures every N optimizer steps")
+    _bool_flag(parser, "activation-checkpointing",
+               "recompute the frozen decoder layers' activations in the backward: less memory, one extra forward")
     _bool_flag(parser, "allow-outside-paths", "accept absolute or escaping media paths in manifests")
     _bool_flag(parser, "progress", "show a progress bar")
     _bool_flag(parser, "tensorboard", "write TensorBoard event files (default: on when installed)")

@@ -118,6 +118,10 @@ class Trainer:
         if not self.is_main:
             barrier(self.dist)  # rank 0 builds/caches shared artefacts (e.g. the tiny base) first
         self.model = build_model(config, self.device)
+        if train.activation_checkpointing:
+            from safe.models.checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
         if self.is_main:
             barrier(self.dist)
         encoder = self.model.audio_encoder

@@ -119,6 +119,11 @@ def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
         assert alone.input_ids[0].tolist() == single.input_ids and alone.labels[0].tolist() == single.labels
     # The same prompt with and without an answer are different entries (generation batches have no labels).
     assert warm.encode("vl", prompts[:1]).labels is None
+    # Warming ahead of time (what the trainer does with every training caption) gives the same rows.
+    ahead = BatchBuilder(tokenizer)
+    assert ahead.warm(prompts, answers) == 3
+    warmed = ahead.encode("vl", prompts, answers)
+    assert torch.equal(warmed.input_ids, first.input_ids) and torch.equal(warmed.labels, first.labels)
 
 
 def test_batches_are_left_padded_with_positions_from_first_token(parts):

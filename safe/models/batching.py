@@ -90,6 +90,15 @@ class BatchBuilder:
                     self._memo[key] = fresh[key]
         return [fresh[k] if k in fresh else self._memo[k] for k in keys]
 
+    def warm(self, prompts: list[str], answers: list[str] | None = None, chunk: int = 4096) -> int:
+        """Tokenise examples ahead of time (batched), up to the memo's size; returns how many are memoised."""
+        limit = self.MEMO_LIMIT - len(self._memo)
+        prompts = prompts[:max(0, limit)]
+        for start in range(0, len(prompts), chunk):
+            self._examples(prompts[start:start + chunk],
+                           None if answers is None else answers[start:start + chunk])
+        return len(self._memo)
+
     def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")

@@ -89,7 +89,8 @@ class SAFEModel(nn.Module):
         self.base.eval()
         text_cfg = base.config.text_config
         hidden = text_cfg.hidden_size
-        embed = base.get_input_embeddings().weight
+        self._input_embeddings = [base.get_input_embeddings()]  # a list: not registered as a second child module
+        embed = self._input_embeddings[0].weight
         out_scale = 1.0 if embed.device.type == "meta" else float(embed.detach().float().pow(2).mean().sqrt())
         self.projector = AudioProjector(audio_encoder.feature_dim, hidden, preset.num_audio_tokens, out_scale)
         self.fusion: XAttnFusion | None = None
@@ -161,7 +162,9 @@ class SAFEModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.base.get_input_embeddings().weight.device
+        # A held reference: transformers' get_input_embeddings() is a recursive lookup, and the device is asked
+        # for a dozen times a step (measured 0.5 ms a step on the tiny preset).
+        return self._input_embeddings[0].weight.device
 
     # ----------------------------------------------------------------------------------------- audio
 

@@ -137,6 +137,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     bf16: bool = True  # autocast on CUDA only
     activation_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
+    length_grouping: bool = True  # batches of similar text length (less padding); order still seeded and random
     resume: str | None = None  # "auto" (latest in output dir) or a run directory
     progress: bool = True
     tensorboard: bool | None = None  # None: on when the tensorboard package is installed

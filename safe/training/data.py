@@ -51,17 +51,41 @@ def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
     return RunData(audio_train, audio_val, vqa_train, vqa_val, pool)
 
 
+GROUP_SPAN = 1024   # positions whose items are sorted by length together
+GROUP_BLOCK = 32    # length-sorted positions that stay together when a span is reshuffled
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``order`` rearranged so that neighbouring positions have similar lengths, still randomly ordered overall.
+
+    Each span of GROUP_SPAN positions is sorted by length and cut into blocks of GROUP_BLOCK, and the blocks of a
+    span are shuffled. Batches of consecutive positions then hold items of similar length, so a micro-batch pads
+    little (caption lengths vary 2-4x). Spans and blocks are fixed sizes, not multiples of the batch, so the order
+    stays independent of the world size (see rank_batches)."""
+    out = np.empty_like(order)
+    for start in range(0, len(order), GROUP_SPAN):
+        span = order[start:start + GROUP_SPAN]
+        span = span[np.argsort(lengths[span], kind="stable")]
+        blocks = [span[i:i + GROUP_BLOCK] for i in range(0, len(span), GROUP_BLOCK)]
+        out[start:start + len(span)] = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+    return out
+
+
 def rank_batches(size: int, batch_size: int, seed: int, stream: int, epoch: int, consumed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
+                 rank: int = 0, world_size: int = 1, lengths: np.ndarray | None = None) -> list[list[int]]:
     """This rank's index batches for the rest of one epoch of one stream.
 
     The epoch's order is a seeded permutation that does not depend on the world size; each global batch of
     batch_size × world_size positions is split into consecutive per-rank slices, and positions past the end
     wrap around (as DistributedSampler pads). `consumed` counts global positions already used, so a run can
     resume mid-epoch with another world size. (DistributedSampler's own order depends on the number of
-    replicas, which would make such a resume replay a different data order.)
+    replicas, which would make such a resume replay a different data order.) With ``lengths`` (one per item) the
+    permutation is length-grouped (`length_grouped`).
     """
-    order = np.random.default_rng([seed, stream, epoch]).permutation(size)
+    rng = np.random.default_rng([seed, stream, epoch])
+    order = rng.permutation(size)
+    if lengths is not None:
+        order = length_grouped(order, np.asarray(lengths), rng)
     step = batch_size * world_size
     batches = []
     for start in range(consumed, size, step):
@@ -74,8 +98,9 @@ class BatchStream:
     """An endless, resumable stream of collated batches over a dataset: (epoch, consumed) is its state."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, stream: int, num_workers: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, length_grouping: bool = False):
         self.dataset, self.batch_size, self.seed, self.stream = dataset, batch_size, seed, stream
+        self.lengths = np.asarray(item_lengths(dataset)) if length_grouping else None
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.epoch, self.consumed = 0, 0
         self._iterator = None
@@ -132,7 +157,7 @@ class _EpochBatches:
         s = self.stream
         epoch = s.epoch
         for batch in rank_batches(len(s.dataset), s.batch_size, s.seed, s.stream, epoch, s.consumed, s.rank,
-                                  s.world_size):
+                                  s.world_size, s.lengths):
             yield [(epoch, index) for index in batch]
 
 
@@ -146,3 +171,13 @@ class EpochConcatDataset(ConcatDataset):
         part = bisect.bisect_right(self.cumulative_sizes, index)
         offset = self.cumulative_sizes[part - 1] if part else 0
         return self.datasets[part][(epoch, index - offset)]
+
+
+def item_lengths(dataset) -> list[int]:
+    """Text length (words) of each item without loading any media: the caption trained on, or the question."""
+    lengths = []
+    for part in getattr(dataset, "datasets", [dataset]):
+        for item in part.items:
+            text = item["references"][0] if "references" in item else item["question"]
+            lengths.append(len(text.split()))
+    return lengths

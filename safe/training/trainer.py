@@ -146,6 +146,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(train.lr_projector, train.lr_adapter, train.weight_decay), fused=True)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
+        shard["length_grouping"] = train.length_grouping
         self.audio_stream = BatchStream(self.data.audio_train, train.train_batch_size, train.seed, AUDIO_STREAM,
                                         config.data.num_workers, **shard)
         self.vl_stream = BatchStream(self.data.vqa_train, train.train_batch_size, train.seed, VL_STREAM,

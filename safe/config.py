@@ -137,7 +137,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     bf16: bool = True  # autocast on CUDA only
     activation_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
-    length_grouping: bool = True  # batches of similar text length (less padding); order still seeded and random
+    # Batches of similar text length (about half the padding). Off by default: on the toy world it cost CIDEr-D
+    # (121.6 -> 82.3 for no_retention at 600 steps): same-length captions there are mostly the same sound, so the
+    # batches stop being a fair sample of the data.
+    length_grouping: bool = False
     resume: str | None = None  # "auto" (latest in output dir) or a run directory
     progress: bool = True
     tensorboard: bool | None = None  # None: on when the tensorboard package is installed

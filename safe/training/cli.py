@@ -58,7 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--feature-cache-memory-mb", type=float,
         help="in-memory layer over the feature cache, per process (default 1024; 0 = off)")
     add("--log-every", type=int, help="log training figures every N optimizer steps")
-    _bool_flag(parser, "length-grouping", "batch training items of similar text length together (default on)")
+    _bool_flag(parser, "length-grouping", "batch training items of similar text length together: less padding, "
+               "less varied batches (default off)")
     _bool_flag(parser, "activation-checkpointing",
                "recompute the frozen decoder layers' activations in the backward: less memory, one extra forward")
     _bool_flag(parser, "allow-outside-paths", "accept absolute or escaping media paths in manifests")

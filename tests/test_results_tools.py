@@ -67,6 +67,23 @@ def test_ask_and_eval_commands(two_runs, toy_world):
     assert written["validation"]["gate0_exact"] is True and written["validation"]["audio_samples"] == 4
 
 
+def test_eval_reads_the_feature_cache_training_filled(two_runs, monkeypatch):
+    from safe.cli import main
+    from safe.models.audio_encoders import TinyConvEncoder
+
+    _, runs = two_runs
+    calls = []
+    original = TinyConvEncoder._encode
+
+    def counting(self, waveforms):
+        calls.append(waveforms.shape[0])
+        return original(self, waveforms)
+
+    monkeypatch.setattr(TinyConvEncoder, "_encode", counting)
+    assert main(["eval", "--run", str(runs[1]), "--max-audio-eval-samples", "4", "--max-vl-eval-samples", "4"]) == 0
+    assert calls == []  # the val clips and distractors were encoded, and cached, while the run trained
+
+
 def test_commands_on_a_run_without_checkpoint_say_so(tmp_path):
     run = tmp_path / "20260101_000000_soft_retention"
     run.mkdir()

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from safe.eval.evaluator import Evaluator
     from safe.inference import load_run_model, run_checkpoint
     from safe.training.data import load_run_data
+    from safe.training.features import attach_feature_cache
 
     config, checkpoint = run_checkpoint(args.run, args.checkpoint)
     for key in ("data_root", "max_audio_eval_samples", "max_vl_eval_samples"):
@@ -33,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
     encoder = model.audio_encoder
     data = load_run_data(config, encoder.sample_rate, encoder.clip_seconds)
     step = json.loads((checkpoint / "meta.json").read_text())["step"]
-    metrics = Evaluator(model, data.audio_val, data.vqa_val, data.distractor_pool, config, None,
-                        torch.device(model.device)).run(step)
+    evaluator = Evaluator(model, data.audio_val, data.vqa_val, data.distractor_pool, config, None,
+                          torch.device(model.device))
+    # The run's feature cache, as in training: clips encoded then (val, distractors) are not encoded again.
+    evaluator.feature_cache = attach_feature_cache(config, encoder, [data.audio_val, data.distractor_pool])
+    metrics = evaluator.run(step)
     out = Path(args.run) / f"eval_{checkpoint.name}.json"
     write_json_atomic(out, {"checkpoint": str(checkpoint), "validation": metrics})
     print(json.dumps(metrics, indent=2))

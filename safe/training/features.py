@@ -11,6 +11,17 @@ import torch
 from safe.data.feature_cache import FeatureCache
 
 
+def attach_feature_cache(config, encoder, datasets) -> FeatureCache | None:
+    """The run's feature cache (None when --no-feature-cache), handed to the audio ``datasets`` that read it."""
+    if not config.data.feature_cache:
+        return None
+    cache = FeatureCache.for_encoder(encoder, config.data.feature_cache_dir, config.data.feature_cache_memory_mb)
+    for dataset in datasets:
+        if dataset is not None:
+            dataset.feature_cache = cache
+    return cache
+
+
 def batch_features(collated: dict, model, cache: FeatureCache | None) -> torch.Tensor:
     """[B, T, D] encoder features for an audio batch, in batch order."""
     parts = {}

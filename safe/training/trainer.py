@@ -25,9 +25,8 @@ from safe.errors import SafeError
 from safe.eval.evaluator import BasePredictionCache, Evaluator
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.data import BatchStream, load_run_data
-from safe.data.feature_cache import FeatureCache
 from safe.models.prompts import caption_prompt
-from safe.training.features import audio_batch
+from safe.training.features import attach_feature_cache, audio_batch
 from safe.training.distributed import (DistInfo, all_true, any_true, average_gradients, average_tensors, barrier,
                                        broadcast_object, init_distributed)
 from safe.training.model_factory import audio_settings, build_model
@@ -129,12 +128,7 @@ class Trainer:
         if (encoder.sample_rate, encoder.clip_seconds) != (sample_rate, clip_seconds):
             raise RuntimeError(f"audio encoder expects {encoder.sample_rate} Hz / {encoder.clip_seconds} s but the "
                                f"data were set up for {sample_rate} Hz / {clip_seconds} s")
-        self.feature_cache = None
-        if config.data.feature_cache:
-            self.feature_cache = FeatureCache.for_encoder(encoder, config.data.feature_cache_dir,
-                                                          config.data.feature_cache_memory_mb)
-            for dataset in self._audio_datasets():
-                dataset.feature_cache = self.feature_cache
+        self.feature_cache = attach_feature_cache(config, encoder, self._audio_datasets())
         if self.data.vqa_train is not None:  # images preprocessed in the loader workers, not in the step
             self.data.vqa_train.image_processor = self.model.builder.image_processor
         # Every training caption tokenised once, in batched calls, instead of a few at a time in each step.

@@ -51,7 +51,7 @@ class DataConfig:
     num_workers: int = 2
     feature_cache: bool = True  # cache frozen audio-encoder outputs on disk
     feature_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/features or ~/.cache/safe/features
-    feature_cache_memory_mb: float = 1024  # in-memory layer over the disk cache, per process (each loader worker)
+    feature_cache_memory_mb: float = 1024  # in-memory layer over the disk cache, in the training process
     max_audio_eval_samples: int | None = 500
     max_vl_eval_samples: int | None = 500
     audio_eval_split: str = "val"

@@ -84,7 +84,22 @@ def test_cli_skips_and_lists_an_unreadable_clip(tmp_path, toy_world):
     encoded = int(done.stdout.split(" windows encoded")[0].split()[-1])
     assert encoded > 0 and len(list((tmp_path / "cache").rglob("*.safetensors"))) == encoded
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.startswith("0 windows encoded"), again.stdout
+    assert again.returncode == 0, again.stderr
+    assert any(line.startswith("0 windows encoded") for line in again.stdout.splitlines()), again.stdout
+    assert "float32 on cpu" in again.stdout  # the dtype the entries are keyed by is said
+
+
+def test_cli_takes_the_runs_yaml_settings(tmp_path, toy_world):
+    from safe.cli import main
+
+    settings = tmp_path / "run.yaml"
+    settings.write_text(f"data:\n  data_root: {toy_world}\n  use_wavcaps: true\n")
+    plain, _ = planned_windows(config_for(toy_world, tmp_path), 16000, 4.0, ["val"])
+    with_wavcaps, _ = planned_windows(config_for(toy_world, tmp_path, use_wavcaps=True), 16000, 4.0, ["val"])
+    assert main(["cache-features", "--config", str(settings), "--feature-cache-dir", str(tmp_path / "cache"),
+                 "--num-workers", "0", "--no-progress"]) == 0
+    entries = len(list((tmp_path / "cache").rglob("*.safetensors")))
+    assert entries == sum(with_wavcaps.values()) > sum(plain.values())
 
 
 def test_cli_refuses_a_missing_data_root(tmp_path):

@@ -194,6 +194,18 @@ def test_memory_layer_keeps_to_its_budget(tmp_path, tone_writer, encoder):
     assert torch.equal(off.get(clips[0], 0), features[0]) and not off._memory
 
 
+def test_entries_held_in_memory_do_not_keep_their_files_mapped(tmp_path, tone_writer, encoder):
+    clips = [tmp_path / f"{i}.wav" for i in range(5)]
+    for i, clip in enumerate(clips):
+        tone_writer(clip, 2.0, 16000, freq=300.0 + 50 * i)
+        make_cache(tmp_path / "cache", encoder).put(clip, 0, fresh(encoder, clip))
+    reader = make_cache(tmp_path / "cache", encoder)
+    held = [reader.get(clip, 0) for clip in clips]
+    assert all(h is not None for h in held) and len(reader._memory) == 5
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path / "cache") not in maps  # copies, not views of memory-mapped entry files
+
+
 def test_pickled_cache_starts_with_an_empty_memory(tmp_path, tone_writer, encoder):
     import pickle
 

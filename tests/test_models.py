@@ -124,6 +124,12 @@ def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
     assert ahead.warm(prompts, answers) == 3
     warmed = ahead.encode("vl", prompts, answers)
     assert torch.equal(warmed.input_ids, first.input_ids) and torch.equal(warmed.labels, first.labels)
+    # The memo keeps to its byte budget; examples past it are still encoded, just not kept.
+    small = BatchBuilder(tokenizer)
+    small.MEMO_BYTES = warm._memo_bytes // 2
+    capped = small.encode("vl", prompts, answers)
+    assert 0 < len(small._memo) < 3 and small._memo_bytes <= small.MEMO_BYTES
+    assert torch.equal(capped.input_ids, first.input_ids) and torch.equal(capped.labels, first.labels)
 
 
 def test_batches_are_left_padded_with_positions_from_first_token(parts):

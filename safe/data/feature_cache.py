@@ -8,9 +8,11 @@ returned them: a cached feature is `torch.equal` to the encode that wrote it. En
 batch compositions (measured: up to ~1e-6 for the tiny conv encoder), so a run with the cache is bit-identical to
 one without it while batches are the same (the first epoch) and equal to float rounding afterwards.
 
-Reads go through an in-memory LRU layer (``memory_mb``, per process: each DataLoader worker holds its own) keyed
-by the same key, so after the first epoch an entry costs a stat instead of a safetensors open (measured 1-2 ms an
-item on the tiny preset); a changed file still misses because its key changes.
+Reads in the training process go through an in-memory LRU layer (``memory_mb``) keyed by the same key, so a repeat
+costs a stat instead of a safetensors open (1-2 ms an item on the tiny preset, measured): serial loading,
+evaluation clips and distractors. DataLoader workers do not fill it: they read the disk in parallel with the step,
+and batches reach them round-robin with new crops each epoch, so their own layers would rarely hit. A changed file
+still misses because its key changes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import get_worker_info
 
 from safe.cache import cache_dir
 
@@ -64,7 +67,7 @@ class FeatureCache:
         return cls(root or default_cache_root(), encoder_cache_id(encoder), encoder.sample_rate, encoder.clip_seconds,
                    memory_mb)
 
-    def __getstate__(self):  # DataLoader workers start with an empty memory layer, not a copy of the parent's
+    def __getstate__(self):  # a pickled copy (spawned workers) starts with an empty memory layer
         return {**self.__dict__, "_memory": OrderedDict(), "_memory_used": 0}
 
     def key(self, path: str | Path, window: int) -> str:
@@ -83,7 +86,7 @@ class FeatureCache:
 
     def _remember(self, key: str, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
-        if size > self.memory_bytes:
+        if size > self.memory_bytes or get_worker_info() is not None:
             return
         if key in self._memory:
             self._memory_used -= self._memory[key].numel() * self._memory[key].element_size()
@@ -111,13 +114,17 @@ class FeatureCache:
             return None
         try:
             with safe_open(str(file), "pt") as handle:
-                if handle.metadata().get("key") != key:
-                    raise ValueError("key mismatch")
-                features = handle.get_tensor("features")
-            if not torch.isfinite(features.float()).all():
-                raise ValueError("non-finite features")
+                stored_key = (handle.metadata() or {}).get("key")
+                # A copy: the tensor safetensors returns keeps the whole file memory-mapped while it lives, and
+                # thousands of held entries would exhaust the process's mappings.
+                features = handle.get_tensor("features").clone()
+        except (OSError, MemoryError):
+            return None  # could not read it now (a race, no memory): no evidence the entry is bad
         except Exception:
-            file.unlink(missing_ok=True)  # corrupt or foreign entry: recompute it
+            file.unlink(missing_ok=True)  # undecodable entry: recompute it
+            return None
+        if stored_key != key or not torch.isfinite(features.float()).all():
+            file.unlink(missing_ok=True)  # a foreign or non-finite entry: recompute it
             return None
         self._remember(key, features)
         return features

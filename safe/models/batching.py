@@ -68,13 +68,14 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class BatchBuilder:
     """Turns prompts, answers, images and audio into a ``SafeBatch`` for one tokenizer/processor."""
 
-    MEMO_LIMIT = 1 << 17  # tokenised examples kept (small arrays: tens of MB at most)
+    MEMO_BYTES = 64 << 20  # tokenised examples kept, in bytes of keys and ids (a LLaVA VQA prompt is ~10 KB)
 
     def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0):
         self.tokenizer, self.image_processor, self.num_image_tokens = tokenizer, image_processor, num_image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Training sees each (prompt, answer) once an epoch: later epochs reuse its ids instead of tokenising again.
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
+        self._memo_bytes = 0
 
     def _examples(self, prompts: list[str], answers: list[str] | None) -> list[tuple[np.ndarray, np.ndarray, int]]:
         keys = [(p, None if answers is None else answers[i]) for i, p in enumerate(prompts)]
@@ -86,17 +87,18 @@ class BatchBuilder:
             for key, example in zip(missing, encoded):
                 fresh[key] = (np.asarray(example.input_ids, dtype=np.int32),
                               np.asarray(example.labels, dtype=np.int32), example.splice_pos)
-                if len(self._memo) < self.MEMO_LIMIT:
+                size = len(key[0]) + len(key[1] or "") + fresh[key][0].nbytes + fresh[key][1].nbytes
+                if self._memo_bytes + size <= self.MEMO_BYTES:
                     self._memo[key] = fresh[key]
+                    self._memo_bytes += size
         return [fresh[k] if k in fresh else self._memo[k] for k in keys]
 
     def warm(self, prompts: list[str], answers: list[str] | None = None, chunk: int = 4096) -> int:
-        """Tokenise examples ahead of time (batched), up to the memo's size; returns how many are memoised."""
-        limit = self.MEMO_LIMIT - len(self._memo)
-        prompts = prompts[:max(0, limit)]
+        """Tokenise examples ahead of time (batched) until the memo is full; returns how many are memoised."""
         for start in range(0, len(prompts), chunk):
-            self._examples(prompts[start:start + chunk],
-                           None if answers is None else answers[start:start + chunk])
+            if self._memo_bytes >= self.MEMO_BYTES * 0.99:
+                break
+            self._examples(prompts[start:start + chunk], None if answers is None else answers[start:start + chunk])
         return len(self._memo)
 
     def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:

@@ -27,8 +27,9 @@ from safe.errors import SafeError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--data-root", required=True, help="the data root (README layout)")
-    add("--model-config", "--preset", dest="model_config", default="tiny",
+    add("--config", help="the runs' YAML settings file (data root, model, WavCaps); flags override it")
+    add("--data-root", help="the data root (README layout)")
+    add("--model-config", "--preset", dest="model_config",
         help="model preset whose audio encoder is used: tiny, llava-1.5-7b, llava-1.5-13b (default tiny)")
     add("--audio-encoder", help="clap, whisper, or a hub id / local path (as for `safe train`)")
     add("--use-wavcaps", action="store_true", help="also cache the WavCaps training clips")
@@ -48,16 +49,26 @@ def run(args: argparse.Namespace) -> int:
     from safe.models.factory import build_audio_encoder
     from safe.training.model_factory import preset_for
 
-    config = build_config(cli_values={
+    from safe.config import load_yaml
+
+    config = build_config(load_yaml(args.config) if args.config else None, cli_values={
         "model_config": args.model_config, "audio_encoder": args.audio_encoder, "data_root": args.data_root,
         "use_wavcaps": args.use_wavcaps or None, "wavcaps_ratio": args.wavcaps_ratio, "seed": args.seed,
         "allow_outside_paths": args.allow_outside_paths or None, "feature_cache_dir": args.feature_cache_dir})
+    if not Path(config.data.data_root).is_dir():
+        raise SafeError(f"Data root {config.data.data_root} does not exist; pass --data-root (or a --config with "
+                        "data_root) pointing at the staged data.")
     if args.batch_size < 1 or args.num_workers < 0:
         raise SafeError("--batch-size must be >= 1 and --num-workers >= 0.")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     encoder = build_audio_encoder(preset_for(config), device)
+    from safe.data.feature_cache import encoder_cache_id
+
+    # Entries are keyed by the encoder's dtype: bf16 on GPU, fp32 on CPU, as `safe train` loads it on each.
+    print(f"encoder {encoder_cache_id(encoder)} on {device}: read by runs whose encoder runs in the same dtype "
+          f"({'GPU' if device.type == 'cuda' else 'CPU'} training)")
     summary = cache_features(config, encoder, [s for s in args.eval_splits.split(",") if s], args.batch_size,
                              args.num_workers, rank, world_size, progress=args.progress)
     print(f"{summary['encoded']} windows encoded, {summary['already_cached']} already cached "

@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "feature-cache", "cache frozen audio-encoder outputs on disk (default on)")
     add("--feature-cache-dir", help="feature cache folder (default $SAFE_CACHE_DIR/features)")
     add("--feature-cache-memory-mb", type=float,
-        help="in-memory layer over the feature cache, per process (default 1024; 0 = off)")
+        help="in-memory layer over the feature cache in the training process (default 1024; 0 = off)")
     add("--log-every", type=int, help="log training figures every N optimizer steps")
     _bool_flag(parser, "length-grouping", "batch training items of similar text length together: less padding, "
                "less varied batches (default off)")

@@ -129,7 +129,10 @@ class BatchStream:
         self._iterator = iter(self._loader)
 
     def close(self) -> None:
-        """Shut the loader's workers down (a later next() starts a new loader)."""
+        """Shut the loader's workers down now (a later next() starts a new loader)."""
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)  # torch's own clean-up of its workers
+        if shutdown is not None:
+            shutdown()
         self._iterator = self._loader = None
 
     def next(self) -> dict:

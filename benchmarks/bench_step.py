@@ -24,7 +24,6 @@ Goal: ratio <= 1.15.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -85,22 +84,12 @@ def time_limit(model, calls: list[dict], extra_tokens: int = 0) -> float:
 
 
 def fill_caches(trainer) -> dict:
-    """Encode every training window of every clip into the feature cache, and answer every training question
-    with the base (the KL targets), so measured steps see the steady state of a multi-epoch run."""
-    from safe.data.audio import audio_info, load_audio, window_starts
+    """Encode every training window of every clip into the feature cache (`safe cache-features`), and answer every
+    training question with the base (the KL targets), so measured steps see the steady state of a multi-epoch run."""
+    from safe.training.cache_features import cache_features
 
     started = time.perf_counter()
-    cache, encoder = trainer.feature_cache, trainer.model.audio_encoder
-    datasets = getattr(trainer.data.audio_train, "datasets", [trainer.data.audio_train])
-    paths = sorted({str(item["path"]) for ds in datasets for item in ds.items})
-    windows = 0
-    for path in paths:
-        info = audio_info(path)
-        for window in range(len(window_starts(info.frames, int(math.ceil(encoder.clip_seconds * info.sample_rate))))):
-            if cache.get(path, window) is None:
-                audio = load_audio(path, encoder.sample_rate, encoder.clip_seconds, window_index=window)
-                cache.put(path, window, trainer.model.audio_features(torch.from_numpy(audio)[None])[0])
-            windows += 1
+    filled = cache_features(trainer.config, trainer.model.audio_encoder, [], num_workers=0, progress=False)
     answered = 0
     if trainer.vl_stream is not None:
         stream = trainer.vl_stream
@@ -109,7 +98,7 @@ def fill_caches(trainer) -> dict:
             trainer._base_answers(collated)
             answered += collated["size"]
         stream.load_state({"epoch": 0, "consumed": 0})
-    return {"clips": len(paths), "windows": windows, "questions_answered": answered,
+    return {"clips": filled["clips"], "windows": filled["windows"], "questions_answered": answered,
             "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -121,8 +121,8 @@ class BatchStream:
             if hasattr(part, "set_epoch"):
                 part.set_epoch(self.epoch)
         if self._loader is None:
-            # One loader for the whole run: persistent workers keep their feature-cache memory and skip a
-            # re-fork per epoch; the epoch reaches them inside each index as an (epoch, index) pair.
+            # One loader for the whole run: its persistent workers are started once, not re-forked every epoch;
+            # the epoch reaches them inside each index as an (epoch, index) pair.
             self._loader = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=collate_samples,
                                       num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                       persistent_workers=self.num_workers > 0)

@@ -86,11 +86,9 @@ def csv_table(rows: list[dict]) -> str:
 
 def comparison_plot(rows: list[dict], path: Path) -> Path:
     """Retention (distractor VQA delta) against audio quality (CIDEr-D), one point per run."""
-    import matplotlib
+    from safe.training.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:
         if row["cider_d"] is None or row["vl_distractor_delta"] is None:
@@ -102,21 +100,15 @@ def comparison_plot(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("audio captioning CIDEr-D (0-100)")
     ax.set_ylabel("VQA accuracy with distractor audio − base (points)")
     ax.set_title("Retention vs audio quality")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def learning_curves_plot(runs: list[Path], path: Path) -> Path:
     """Caption loss per optimizer step (left) and CIDEr-D per evaluation (right), one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from safe.training.outputs import read_log
+    from safe.training.plots import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, (loss_ax, cider_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
@@ -129,11 +121,7 @@ def learning_curves_plot(runs: list[Path], path: Path) -> Path:
     cider_ax.set(xlabel="optimizer step", ylabel="CIDEr-D (0-100)", title="Audio captioning")
     loss_ax.legend(fontsize=7)
     cider_ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(runs: list[Path], out_dir: Path) -> dict:

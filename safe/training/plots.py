@@ -11,13 +11,28 @@ LOSS_KEYS = ("caption_loss", "kl_loss", "fisher_penalty")
 METRIC_KEYS = ("audio_cider", "audio_cider_muted", "vl_base_accuracy", "vl_safe_distractor_accuracy")
 
 
-def _curves(records: list[dict], keys: tuple[str, ...], ylabel: str, title: str, path: Path, marker=None) -> bool:
-    """One line per key that has a value somewhere; False (nothing written) when there is nothing to draw."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes), imported on first use."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on cluster nodes
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (its folder created) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def _curves(records: list[dict], keys: tuple[str, ...], ylabel: str, title: str, path: Path, marker=None) -> bool:
+    """One line per key that has a value somewhere; False (nothing written) when there is nothing to draw."""
+    plt = pyplot()
     if not records:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -30,9 +45,7 @@ def _curves(records: list[dict], keys: tuple[str, ...], ylabel: str, title: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

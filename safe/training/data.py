@@ -117,9 +117,6 @@ class BatchStream:
         self.epoch, self.consumed, self._iterator = state["epoch"], state["consumed"], None
 
     def _start_epoch(self) -> None:
-        for part in getattr(self.dataset, "datasets", [self.dataset]):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(self.epoch)
         if self._loader is None:
             # One loader for the whole run: its persistent workers are started once, not re-forked every epoch;
             # the epoch reaches them inside each index as an (epoch, index) pair.
@@ -176,11 +173,12 @@ class EpochConcatDataset(ConcatDataset):
         return self.datasets[part][(epoch, index - offset)]
 
 
+def item_texts(dataset) -> list[str]:
+    """The text of each item without loading any media: the caption trained on, or the question."""
+    return [item["references"][0] if "references" in item else item["question"]
+            for part in getattr(dataset, "datasets", [dataset]) for item in part.items]
+
+
 def item_lengths(dataset) -> list[int]:
-    """Text length (words) of each item without loading any media: the caption trained on, or the question."""
-    lengths = []
-    for part in getattr(dataset, "datasets", [dataset]):
-        for item in part.items:
-            text = item["references"][0] if "references" in item else item["question"]
-            lengths.append(len(text.split()))
-    return lengths
+    """Text length (words) of each item."""
+    return [len(text.split()) for text in item_texts(dataset)]

@@ -52,8 +52,10 @@ class DataConfig:
     feature_cache: bool = True  # cache frozen audio-encoder outputs on disk
     feature_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/features or ~/.cache/safe/features
     feature_cache_memory_mb: float = 1024  # in-memory layer over the disk cache, in the training process
-    max_audio_eval_samples: int | None = 500
-    max_vl_eval_samples: int | None = 500
+    wavcaps_blacklist: str | None = None  # ids WavCaps must not train on (WavCaps' own blacklist JSON accepted)
+    max_audio_eval_samples: int | None = 500  # a seeded random subset of the clips when the split is larger
+    max_vl_eval_samples: int | None = 500  # a seeded random subset spread over images when the split is larger
+    eval_seed: int = 0  # seed of the evaluation subsets and distractors: the same for every run, so runs compare
     audio_eval_split: str = "val"
     vl_eval_split: str = "val"
 
@@ -77,6 +79,9 @@ class ModelConfig:
     lora_rank: int = 0
     num_audio_tokens: int | None = None  # None: the preset's default
     xattn_layers: list[int] | None = None  # None: spread over depth
+    xattn_gate: str | None = None  # None: the preset's; "layer" (tanh alpha_l) or "token" (per-token gate)
+    system_prompt: bool | None = None  # None: the preset's (llava-1.5: LLaVA's vicuna_v1 system message on)
+    pad_to_square: bool | None = None  # None: the preset's (llava-1.5: pad images to square with the mean colour)
 
     def validate(self) -> None:
         self.preset = canonical_preset(self.preset)
@@ -91,17 +96,19 @@ class RetentionConfig:
     use_vl: bool = True
     kl_weight: float = 1.0
     kl_temperature: float = 2.0
-    fisher_weight: float = 0.0
-    fisher_refresh: int = 50
-    fisher_batches: int = 2
+    fisher_weight: float = 0.0  # weight of the Fisher penalty, an estimate of the VL answers' KL drift in nats
+    fisher_refresh: int = 50  # optimizer steps between Fisher estimates (anchor moves with it)
+    fisher_samples: int = 64  # per-sample gradients per estimate
+    fisher_kind: str = "true"  # "true": answers sampled from the model; "empirical": the base's greedy answers
     null_space_rank: int = 0
-    null_space_refresh: int = 50
-    null_space_batches: int = 4
+    null_space_refresh: int = 50  # optimizer steps between basis refreshes
+    null_space_samples: int = 16  # per-sample VL gradients merged into the rank-r basis (>= rank)
+    protect_from_gate: float = 0.01  # Fisher and null space start once max|tanh alpha| reaches this
     distractor_prob: float = 1.0
     vl_fraction: float = 0.5  # share of micro-batches that are VL retention batches
 
     def validate(self) -> None:
-        for name in ("kl_weight", "fisher_weight", "kl_temperature"):
+        for name in ("kl_weight", "fisher_weight", "kl_temperature", "protect_from_gate"):
             if getattr(self, name) < 0:
                 raise SafeError(f"--{name.replace('_', '-')} must be >= 0.")
         if not 0.0 <= self.distractor_prob <= 1.0:
@@ -110,6 +117,13 @@ class RetentionConfig:
             raise SafeError("--vl-fraction must be in (0, 1) for variants with retention.")
         if self.null_space_rank < 0 or self.fisher_refresh < 1 or self.null_space_refresh < 1:
             raise SafeError("--null-space-rank must be >= 0 and refresh intervals >= 1.")
+        if self.fisher_kind not in ("true", "empirical"):
+            raise SafeError(f"--fisher-kind must be true or empirical, not {self.fisher_kind!r}.")
+        if self.fisher_samples < 1:
+            raise SafeError("--fisher-samples must be >= 1.")
+        if self.null_space_rank and self.null_space_samples < self.null_space_rank:
+            raise SafeError(f"--null-space-samples ({self.null_space_samples}) must be at least --null-space-rank "
+                            f"({self.null_space_rank}): a rank-r basis needs r gradients.")
 
 
 @dataclass

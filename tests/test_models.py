@@ -16,7 +16,7 @@ from PIL import Image
 from safe.errors import SafeError
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.presets import get_preset
-from safe.models.prompts import IGNORE_INDEX, SPLICE_AFTER, caption_prompt, encode_example, vqa_prompt
+from safe.models.prompts import IGNORE_INDEX, LLAVA_V1, SPLICE_AFTER, TINY, VICUNA_SYSTEM, encode_example
 from safe.models.safe_model import SAFEModel
 from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained
 
@@ -87,21 +87,33 @@ def base_logits(base, model, batch):
 
 def test_prompt_labels_only_on_answer_and_eos(parts):
     tokenizer = parts[0]
-    enc = encode_example(tokenizer, vqa_prompt("what color is the circle?"), "red")
+    enc = encode_example(tokenizer, TINY.vqa("what color is the circle?"), "red")
     answer = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
     assert answer == [tokenizer.convert_tokens_to_ids("red"), tokenizer.eos_token_id]
-    assert enc.input_ids[: enc.prompt_len] == tokenizer(vqa_prompt("what color is the circle?"))["input_ids"]
+    assert enc.input_ids[: enc.prompt_len] == tokenizer(TINY.vqa("what color is the circle?"))["input_ids"]
     head = tokenizer(SPLICE_AFTER)["input_ids"]
     assert enc.input_ids[: enc.splice_pos] == head
-    assert caption_prompt() == "USER: Describe the sound. ASSISTANT:"
-    assert vqa_prompt("q?") == "USER: <image>\nq?\nAnswer the question using a single word or phrase. ASSISTANT:"
+    assert TINY.caption() == "USER: Describe the sound. ASSISTANT:"
+    assert TINY.vqa("q?") == "USER: q?\n<image> ASSISTANT:"
+
+
+def test_llava_prompts_are_llava_1_5_as_published(parts):
+    """vicuna_v1: the system message, a space, then USER/ASSISTANT; VQA asks for a single word or phrase."""
+    assert LLAVA_V1.vqa("q?") == (VICUNA_SYSTEM + " USER: <image>\nq?\nAnswer the question using a single word "
+                                  "or phrase. ASSISTANT:")
+    assert LLAVA_V1.caption() == VICUNA_SYSTEM + " USER: Describe the sound. ASSISTANT:"
+    assert LLAVA_V1.without_system().vqa("q?").startswith("USER: <image>\nq?")
+    # The prefix-mode splice point sits right after "USER:" behind the system message.
+    tokenizer = parts[0]
+    enc = encode_example(tokenizer, LLAVA_V1.vqa("q?"), "red", splice_prefix=LLAVA_V1.splice_prefix())
+    assert enc.input_ids[: enc.splice_pos] == tokenizer(VICUNA_SYSTEM + " USER:")["input_ids"]
 
 
 def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
     from safe.models.batching import BatchBuilder
 
     tokenizer, processor = parts[0], parts[1]
-    prompts = [vqa_prompt(q) for q in ("what color is the circle?", "how many shapes are there?", "is there a red square?")]
+    prompts = [TINY.vqa(q) for q in ("what color is the circle?", "how many shapes are there?", "is there a red square?")]
     answers = ["red", "2", "no"]
     warm = BatchBuilder(tokenizer)
     first = warm.encode("vl", prompts, answers)

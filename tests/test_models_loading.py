@@ -115,3 +115,77 @@ def test_real_preset_parameter_counts_on_meta():
     assert 7.0e9 < counts["frozen"] < 7.2e9                 # LLaVA-1.5-7B + CLAP audio tower
     assert counts["trainable"] == counts["projector"] + counts["xattn"] and counts["lora"] == 0
     assert count_parameters(get_preset("llava-1.5-7b", lora_rank=8))["lora"] == 32 * 2 * 8 * (4096 + 4096)
+
+
+def test_llava_presets_use_llava_1_5_prompt_and_square_padding_and_tiny_does_not(saved_models):
+    import numpy as np
+    from PIL import Image
+
+    from safe.models.prompts import TINY, VICUNA_SYSTEM
+
+    root, _ = saved_models
+    common = dict(base_model=str(root / "llava"), audio_encoder="clap", audio_encoder_path=str(root / "clap"),
+                  clip_seconds=1.0, num_audio_tokens=4, xattn_heads=4)
+    model = build_safe_model(get_preset("llava-1.5-7b", **common), device="cpu")
+    assert model.builder.style.system == VICUNA_SYSTEM
+    assert model.builder.caption_prompt().startswith(VICUNA_SYSTEM + " USER:")
+    assert model.builder.vqa_prompt("q?").startswith(VICUNA_SYSTEM + " USER: <image>")
+    processor = model.builder.image_processor
+    assert processor.do_pad
+    # A wide image: padded to square with the mean colour (normalised to ~0), not centre-cropped.
+    wide = Image.fromarray(np.full((24, 48, 3), 255, dtype=np.uint8))
+    pixels = processor(images=[wide], return_tensors="pt")["pixel_values"][0]
+    assert pixels[:, 0, 24].abs().max() < 0.02 and pixels[:, 24, 24].min() > 1.0   # top band padded, middle white
+    batch = model.builder.vqa_batch([wide], ["q?"])
+    assert torch.equal(batch.pixel_values[0], pixels)
+
+    plain = build_safe_model(get_preset("llava-1.5-7b", system_prompt=False, pad_to_square=False, **common))
+    assert plain.builder.vqa_prompt("q?").startswith("USER: <image>")
+    assert not getattr(plain.builder.image_processor, "do_pad", False)
+    assert plain.builder.image_processor(images=[wide], return_tensors="pt")["pixel_values"][0][:, 0, 24].min() > 1.0
+
+    tiny = get_preset("tiny")
+    assert tiny.prompt_style == "tiny" and not tiny.pad_to_square
+    from safe.models.prompts import get_style
+
+    assert get_style(tiny.prompt_style, tiny.system_prompt) == TINY
+
+
+def test_processor_without_patch_size_still_counts_image_tokens_and_a_wrong_size_is_one_sentence(saved_models,
+                                                                                                 tmp_path):
+    """Older llava-hf exports lack patch_size / num_additional_image_tokens in processor_config.json: the image token
+    count comes from the model's vision config instead, so such a folder just works."""
+    import json
+    import shutil
+
+    root, _ = saved_models
+    common = dict(audio_encoder="clap", audio_encoder_path=str(root / "clap"), clip_seconds=1.0, num_audio_tokens=4,
+                  xattn_heads=4)
+    old = tmp_path / "old-llava"
+    shutil.copytree(root / "llava", old)
+    config_path = old / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("patch_size", None)
+    config.pop("num_additional_image_tokens", None)
+    config_path.write_text(json.dumps(config))
+    model = build_safe_model(get_preset("llava-1.5-7b", base_model=str(old), **common))
+    assert model.builder.num_image_tokens == 9                      # 48 px / 16 px patches, CLS dropped
+    from PIL import Image
+
+    batch = model.builder.vqa_batch([Image.new("RGB", (48, 48))], ["q?"])
+    assert len(model.generate(batch, gate=0.0, max_new_tokens=2)) == 1
+
+    wrong = tmp_path / "wrong-size"
+    shutil.copytree(root / "llava", wrong)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = wrong / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            target = data.get("image_processor", data)
+            if "crop_size" in target:
+                target["crop_size"] = {"height": 64, "width": 64}
+                target["size"] = {"shortest_edge": 64}
+            path.write_text(json.dumps(data))
+    with pytest.raises(SafeError, match="64 px images but its vision tower expects 48 px") as err:
+        build_safe_model(get_preset("llava-1.5-7b", base_model=str(wrong), **common))
+    assert "\n" not in str(err.value)

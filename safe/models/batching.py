@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from safe.models.prompts import IGNORE_INDEX, caption_prompt, encode_examples, expand_image_token, vqa_prompt
+from safe.models.prompts import IGNORE_INDEX, TINY, PromptStyle, encode_examples, expand_image_token
 
 
 @dataclass
@@ -70,8 +70,9 @@ class BatchBuilder:
 
     MEMO_BYTES = 64 << 20  # tokenised examples kept, in bytes of keys and ids (a LLaVA VQA prompt is ~10 KB)
 
-    def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0):
+    def __init__(self, tokenizer, image_processor=None, num_image_tokens: int = 0, style: PromptStyle = TINY):
         self.tokenizer, self.image_processor, self.num_image_tokens = tokenizer, image_processor, num_image_tokens
+        self.style = style
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Training sees each (prompt, answer) once an epoch: later epochs reuse its ids instead of tokenising again.
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
@@ -83,7 +84,8 @@ class BatchBuilder:
         fresh = {}
         if missing:
             encoded = encode_examples(self.tokenizer, [p for p, _ in missing],
-                                      None if answers is None else [a for _, a in missing])
+                                      None if answers is None else [a for _, a in missing],
+                                      splice_prefix=self.style.splice_prefix())
             for key, example in zip(missing, encoded):
                 fresh[key] = (np.asarray(example.input_ids, dtype=np.int32),
                               np.asarray(example.labels, dtype=np.int32), example.splice_pos)
@@ -100,6 +102,13 @@ class BatchBuilder:
                 break
             self._examples(prompts[start:start + chunk], None if answers is None else answers[start:start + chunk])
         return len(self._memo)
+
+    def caption_prompt(self, question: str | None = None) -> str:
+        return self.style.caption(question)
+
+    def vqa_prompt(self, question: str) -> str:
+        """The VQA prompt with ``<image>`` expanded to the vision tower's token count."""
+        return expand_image_token(self.style.vqa(question), self.num_image_tokens)
 
     def encode(self, kind: str, prompts: list[str], answers: list[str] | None = None, **extra) -> SafeBatch:
         if answers is not None and len(answers) != len(prompts):
@@ -126,7 +135,7 @@ class BatchBuilder:
         n = audio.shape[0] if audio is not None else (len(captions) if captions is not None else batch_size)
         if n is None:
             raise ValueError("caption_batch needs audio, captions or batch_size")
-        return self.encode("audio", [caption_prompt(question)] * n, captions, audio=audio, ids=ids)
+        return self.encode("audio", [self.caption_prompt(question)] * n, captions, audio=audio, ids=ids)
 
     def vqa_batch(self, images, questions: list[str], answers: list[str] | None = None,
                   audio: torch.Tensor | None = None, ids=None, pixel_values: torch.Tensor | None = None) -> SafeBatch:
@@ -137,7 +146,7 @@ class BatchBuilder:
             raise ValueError(f"{count} images but {len(questions)} questions")
         if pixel_values is None:
             pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        prompts = [expand_image_token(vqa_prompt(q), self.num_image_tokens) for q in questions]
+        prompts = [self.vqa_prompt(q) for q in questions]
         return self.encode("vl", prompts, answers, pixel_values=pixel_values, audio=audio, ids=ids)
 
     def from_collated(self, collated: dict, with_answers: bool = True, audio: torch.Tensor | None = None,

@@ -52,6 +52,18 @@ def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: P
     raise SafeError(f"Unknown audio encoder {kind!r}; use clap, whisper or tiny.")
 
 
+def padding_image_processor(image_processor):
+    """The same preprocessing, after padding each image to a square with the processor's mean colour: how
+    LLaVA-1.5 was trained and evaluated ("pad" aspect ratio), where the CLIP processor alone centre-crops and so
+    cuts off the sides of a wide image. transformers' LlavaImageProcessorPil does exactly this with do_pad."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    settings = {key: getattr(image_processor, key) for key in (
+        "size", "crop_size", "resample", "do_resize", "do_center_crop", "do_rescale", "rescale_factor",
+        "do_normalize", "image_mean", "image_std", "do_convert_rgb") if getattr(image_processor, key, None) is not None}
+    return LlavaImageProcessorPil(**settings, do_pad=True)
+
+
 def load_base(preset: ModelPreset, device=None, dtype=None, log=print):
     """(base model, processor, base name, tiny cache dir or None)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -66,6 +78,8 @@ def load_base(preset: ModelPreset, device=None, dtype=None, log=print):
     base = load_model(LlavaForConditionalGeneration, source, what="base model", flag="--base-model",
                       dtype=dtype, device=device)
     processor = load_pretrained(AutoProcessor, source, what="processor", flag="--base-model")
+    if preset.pad_to_square:
+        processor.image_processor = padding_image_processor(processor.image_processor)
     name = f"tiny:{tiny_dir.name}" if tiny_dir is not None else preset.base_model
     return base, processor, name, tiny_dir
 

@@ -1,8 +1,10 @@
 """Gated fusion of audio tokens into the frozen LLM.
 
 ``xattn``: a cross-attention adapter runs after chosen decoder layers through forward hooks, so the
-base's modules and weight names stay untouched:  h <- h + g * tanh(alpha_l) * XAttn(LN(h), LN(A)).
-alpha_l starts at 0, so a fresh adapter is the identity. When the gate is 0 or no audio is set, the
+base's modules and weight names stay untouched:  h <- h + g * gate_l(h) * XAttn(LN(h), LN(A)), with
+gate_l = tanh(alpha_l) per layer ("layer", the default) or tanh(alpha_l + w_l . LN(h_t)) per token ("token": a
+small function of the query hidden state, so VQA contexts can keep the base while caption contexts listen).
+alpha_l and w_l start at 0, so a fresh adapter is the identity. When g is 0 or no audio is set, the
 hook returns None and the layer's own output passes through untouched (bit-identical logits).
 
 ``prefix``: the k audio tokens are spliced into the input embeddings right after ``USER:``; the
@@ -20,6 +22,13 @@ from torch import nn
 
 from safe.models.prompts import IGNORE_INDEX
 
+GATES = ("layer", "token")
+
+
+def is_gate(name: str) -> bool:
+    """A gate parameter: the per-layer scalar alpha_l of an xattn adapter, or the weights of its per-token gate."""
+    return name.endswith(".alpha") or ".token_gate." in name
+
 
 def decoder_layers(base) -> nn.ModuleList:
     """The LLM's decoder layers (transformers 5: ``model.model.language_model.layers``)."""
@@ -29,10 +38,12 @@ def decoder_layers(base) -> nn.ModuleList:
 class XAttnAdapter(nn.Module):
     """One gated cross-attention block reading the audio tokens."""
 
-    def __init__(self, hidden_size: int, dim: int, heads: int):
+    def __init__(self, hidden_size: int, dim: int, heads: int, gate: str = "layer"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"xattn dim {dim} is not divisible by {heads} heads")
+        if gate not in GATES:
+            raise ValueError(f"unknown xattn gate {gate!r}; use one of {GATES}")
         self.heads = heads
         self.norm = nn.LayerNorm(hidden_size)
         self.kv_norm = nn.LayerNorm(hidden_size)
@@ -41,6 +52,9 @@ class XAttnAdapter(nn.Module):
         self.v = nn.Linear(hidden_size, dim, bias=False)
         self.o = nn.Linear(dim, hidden_size, bias=False)
         self.alpha = nn.Parameter(torch.zeros(()))
+        # Per-token gate: a linear read of the normalised query state added to alpha; zero-initialised, so it
+        # starts as the per-layer gate (and, with alpha = 0, as the identity) yet has a gradient from step 0.
+        self.token_gate = nn.Linear(hidden_size, 1) if gate == "token" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -53,6 +67,9 @@ class XAttnAdapter(nn.Module):
         self.kv_norm.reset_parameters()
         with torch.no_grad():
             self.alpha.zero_()
+            if self.token_gate is not None:
+                self.token_gate.weight.zero_()
+                self.token_gate.bias.zero_()
 
     def delta(self, hidden: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         b, t, _ = hidden.shape
@@ -63,19 +80,26 @@ class XAttnAdapter(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)            # every text position sees all k audio tokens
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
+    def gate_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """tanh(alpha) (a scalar), or per token [B, T, 1] with the token gate."""
+        if self.token_gate is None:
+            return torch.tanh(self.alpha)
+        return torch.tanh(self.alpha + self.token_gate(self.norm(hidden)))
+
     def forward(self, hidden: torch.Tensor, audio: torch.Tensor, gate: float) -> torch.Tensor:
         dtype = self.q.weight.dtype
-        update = self.delta(hidden.to(dtype), audio.to(dtype)) * (gate * torch.tanh(self.alpha))
+        hidden_in = hidden.to(dtype)
+        update = self.delta(hidden_in, audio.to(dtype)) * (gate * self.gate_values(hidden_in))
         return hidden + update.to(hidden.dtype)
 
 
 class XAttnFusion(nn.Module):
     """Adapters after decoder layers ``layers``, driven by forward hooks on the base."""
 
-    def __init__(self, hidden_size: int, layers: tuple[int, ...], dim: int, heads: int):
+    def __init__(self, hidden_size: int, layers: tuple[int, ...], dim: int, heads: int, gate: str = "layer"):
         super().__init__()
         self.layer_ids = tuple(int(i) for i in layers)
-        self.adapters = nn.ModuleDict({str(i): XAttnAdapter(hidden_size, dim, heads) for i in self.layer_ids})
+        self.adapters = nn.ModuleDict({str(i): XAttnAdapter(hidden_size, dim, heads, gate) for i in self.layer_ids})
         self._audio: torch.Tensor | None = None
         self._gate = 0.0
         self._handles: list = []

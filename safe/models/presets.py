@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safe.errors import SafeError
 
@@ -27,12 +27,15 @@ class ModelPreset:
     num_xattn_layers: int = 3
     xattn_dim: int | None = None             # inner width of the cross-attention; None -> min(hidden, 1024)
     xattn_heads: int = 8
+    xattn_gate: str = "layer"                # layer: tanh(alpha_l); token: tanh(alpha_l + w_l . LN(h_t)) per token
     lora_rank: int = 0                       # 0 = off
     lora_alpha: float | None = None          # None -> 2 * rank
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_dropout: float = 0.0
     tiny_seed: int = 0                       # tiny preset: seed of the toy world / base / audio encoder
-    extra: dict = field(default_factory=dict)
+    prompt_style: str = "llava_v1"           # safe.models.prompts.STYLES: llava_v1 (LLaVA-1.5's format) or tiny
+    system_prompt: bool = True               # llava_v1: LLaVA-1.5's vicuna_v1 system message before every prompt
+    pad_to_square: bool = True               # llava presets: pad images to square with the mean colour (LLaVA-1.5)
 
     def replace(self, **changes) -> "ModelPreset":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -49,6 +52,8 @@ class ModelPreset:
             raise SafeError(f"Unknown audio encoder {self.audio_encoder!r}; use one of {', '.join(AUDIO_ENCODERS)}.")
         if self.fusion not in FUSIONS:
             raise SafeError(f"Unknown fusion {self.fusion!r}; use one of {', '.join(FUSIONS)}.")
+        if self.xattn_gate not in ("layer", "token"):
+            raise SafeError(f"Unknown --xattn-gate {self.xattn_gate!r}; use layer or token.")
         if self.audio_features not in ("patch", "pooled"):
             raise SafeError(f"Unknown audio feature mode {self.audio_features!r}; use 'patch' or 'pooled'.")
         if self.num_audio_tokens < 1:
@@ -69,7 +74,8 @@ class ModelPreset:
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(name="tiny", base_model="tiny", audio_encoder="tiny", clip_seconds=4.0,
-                        num_audio_tokens=8, num_xattn_layers=2, xattn_heads=4),
+                        num_audio_tokens=8, num_xattn_layers=2, xattn_heads=4, prompt_style="tiny",
+                        pad_to_square=False),
     "llava-1.5-7b": ModelPreset(name="llava-1.5-7b", base_model="llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ModelPreset(name="llava-1.5-13b", base_model="llava-hf/llava-1.5-13b-hf"),
 }

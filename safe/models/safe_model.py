@@ -19,11 +19,11 @@ from torch import nn
 
 from safe.errors import SafeError
 from safe.models.batching import BatchBuilder, SafeBatch, position_ids_from_mask
-from safe.models.fusion import XAttnFusion, splice_prefix
+from safe.models.fusion import XAttnFusion, is_gate, splice_prefix
 from safe.models.lora import LoraSwitch, attach_lora, lora_parameters
 from safe.models.presets import ModelPreset, default_xattn_layers
 from safe.models.projector import AudioProjector
-from safe.models.prompts import IGNORE_INDEX
+from safe.models.prompts import IGNORE_INDEX, get_style
 
 TRAINABLE_FILE = "trainable.safetensors"
 CONFIG_FILE = "safe_config.json"
@@ -46,15 +46,23 @@ class SafeOutput:
         return self.logits[:, :-1][keep]
 
 
-def num_image_tokens(processor) -> int:
-    """Placeholder count per image, as LlavaProcessor expands ``<image>``."""
-    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    height = crop.get("height", crop.get("shortest_edge"))
-    width = crop.get("width", crop.get("shortest_edge"))
-    count = (height // processor.patch_size) * (width // processor.patch_size)
-    count += getattr(processor, "num_additional_image_tokens", 0) or 0
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1
+def num_image_tokens(base_config, processor) -> int:
+    """Image tokens per image: what the vision tower produces for LLaVA's feature-selection strategy.
+
+    Taken from the model's own config (patches of the vision tower, the CLS token dropped by the "default"
+    strategy), not from processor_config.json, whose patch_size / num_additional_image_tokens older llava-hf exports
+    lack. The processor must only make images of the size the tower was built for."""
+    vision = base_config.vision_config
+    count = (vision.image_size // vision.patch_size) ** 2
+    if base_config.vision_feature_select_strategy == "full":
+        count += 1
+    image = processor.image_processor
+    crop = (getattr(image, "crop_size", None) if getattr(image, "do_center_crop", True) else None) or image.size
+    side = crop.get("height", crop.get("shortest_edge"))
+    if side != vision.image_size:
+        raise SafeError(f"The base model's image processor makes {side} px images but its vision tower expects "
+                        f"{vision.image_size} px; use the processor saved with the model (crop_size "
+                        f"{vision.image_size}).")
     return count
 
 
@@ -98,7 +106,7 @@ class SAFEModel(nn.Module):
             layers = preset.xattn_layers or default_xattn_layers(text_cfg.num_hidden_layers, preset.num_xattn_layers)
             dim = preset.xattn_dim or min(hidden, 1024)
             heads = preset.xattn_heads if dim % preset.xattn_heads == 0 else 1
-            self.fusion = XAttnFusion(hidden, tuple(layers), dim, heads)
+            self.fusion = XAttnFusion(hidden, tuple(layers), dim, heads, preset.xattn_gate)
             self.fusion.attach(base)
         self.lora: LoraSwitch | None = None
         if preset.lora_rank > 0:
@@ -113,7 +121,8 @@ class SAFEModel(nn.Module):
             if self.lora is not None:
                 for p in self.lora.params:
                     p.data = p.data.float()
-        self.builder = BatchBuilder(self.tokenizer, processor.image_processor, num_image_tokens(processor)) \
+        self.builder = BatchBuilder(self.tokenizer, processor.image_processor, num_image_tokens(base.config, processor),
+                                    style=get_style(preset.prompt_style, preset.system_prompt)) \
             if processor is not None else None
 
     # ------------------------------------------------------------------------------------ parameters
@@ -136,11 +145,11 @@ class SAFEModel(nn.Module):
 
     def param_groups(self, lr_projector: float = 2e-4, lr_adapter: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups: projector vs adapter (xattn + alpha + LoRA), each with and without weight decay.
-        No decay on norms, biases, alpha and position embeddings (anything 1-D, or the positions)."""
+        No decay on norms, biases, gates and position embeddings (anything 1-D, the gates, or the positions)."""
         groups: dict[tuple[str, bool], list] = {}
         for name, p in self.named_trainable_parameters().items():
             part = "projector" if name.startswith("projector.") else "adapter"
-            decay = p.ndim >= 2 and "position" not in name
+            decay = p.ndim >= 2 and "position" not in name and not is_gate(name)
             groups.setdefault((part, decay), []).append(p)
         lrs = {"projector": lr_projector, "adapter": lr_adapter}
         return [{"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lrs[part],
@@ -291,6 +300,7 @@ class SAFEModel(nn.Module):
                 "feature_dim": self.audio_encoder.feature_dim, "fusion": self.preset.fusion,
                 "num_audio_tokens": self.preset.num_audio_tokens,
                 "xattn_layers": list(self.fusion.layer_ids) if self.fusion is not None else None,
+                "xattn_gate": self.preset.xattn_gate if self.fusion is not None else None,
                 "lora_rank": self.preset.lora_rank, "shapes": shapes}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--data-root", help="data folder in the layout of the README (default experiments/full_training/data)")
     _bool_flag(parser, "use-wavcaps", "add WavCaps training rows")
     add("--wavcaps-ratio", type=float, help="fraction of WavCaps rows used (a fixed, seeded subset)")
+    add("--wavcaps-blacklist", help="file of clip ids WavCaps must not train on (WavCaps' own blacklist JSON, a JSON "
+        "list or one id per line); AudioCaps val/test clips are always dropped")
     add("--output-root", help="where run folders are created (default experiments/full_training/runs)")
     add("--run-name", help="run folder name (default <YYYYmmdd_HHMMSS>_<variant>)")
     add("--seed", type=int)
@@ -27,7 +29,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--audio-encoder", help="clap, whisper, or a hub id / local path of the audio encoder")
     add("--fusion", choices=("xattn", "prefix"))
     add("--lora-rank", type=int)
+    add("--xattn-gate", choices=("layer", "token"), help="xattn gate: one scalar per layer (layer) or a per-token gate "
+        "on the query state (token)")
     add("--num-audio-tokens", type=int)
+    _bool_flag(parser, "system-prompt", "llava-1.5 presets: LLaVA-1.5's vicuna_v1 system message before every prompt "
+               "(default on)")
+    _bool_flag(parser, "pad-to-square", "llava-1.5 presets: pad images to square with the mean colour, as LLaVA-1.5 "
+               "(default on; off = centre crop)")
     add("--train-batch-size", type=int)
     add("--val-batch-size", type=int)
     add("--num-workers", type=int)
@@ -38,8 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float)
     add("--warmup-steps", type=int)
     add("--gradient-accumulation-steps", type=int)
-    add("--max-vl-eval-samples", type=int)
-    add("--max-audio-eval-samples", type=int)
+    add("--max-vl-eval-samples", type=int, help="VQA questions evaluated: a seeded random subset spread over images "
+        "(default 500)")
+    add("--max-audio-eval-samples", type=int, help="clips captioned in each evaluation: a seeded random subset "
+        "(default 500)")
+    add("--eval-seed", type=int, help="seed of the evaluation subsets and distractor clips (default 0: the same in "
+        "every run, so runs compare item for item)")
     add("--eval-every", type=int, help="evaluate every N optimizer steps (default: at the end)")
     add("--save-every", type=int, help="checkpoint every N optimizer steps (default: with each evaluation)")
     add("--generation-max-new-tokens", type=int)
@@ -48,8 +60,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--kl-temperature", type=float)
     add("--fisher-weight", type=float)
     add("--fisher-refresh", type=int)
+    add("--fisher-samples", type=int, help="per-sample gradients per Fisher estimate (default 64)")
+    add("--fisher-kind", choices=("true", "empirical"),
+        help="Fisher from answers sampled from the model (true, default) or the base's answers (empirical)")
     add("--null-space-rank", type=int)
     add("--null-space-refresh", type=int)
+    add("--null-space-samples", type=int, help="per-sample VL gradients per null-space basis (default 16)")
+    add("--protect-from-gate", type=float, help="Fisher and null space start once max|tanh alpha| reaches this "
+        "(default 0.01)")
     add("--distractor-prob", type=float)
     add("--vl-fraction", type=float, help="share of micro-batches that are VL retention batches")
     add("--on-bad-sample", choices=("skip", "error"))

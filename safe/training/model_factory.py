@@ -10,7 +10,9 @@ from safe.models.presets import AUDIO_ENCODERS, ModelPreset, get_preset
 def preset_for(config) -> ModelPreset:
     model = config.model
     overrides = {"fusion": model.fusion, "lora_rank": model.lora_rank, "num_audio_tokens": model.num_audio_tokens,
-                 "xattn_layers": model.xattn_layers}
+                 "xattn_layers": model.xattn_layers, "xattn_gate": model.xattn_gate,
+                 "system_prompt": model.system_prompt,
+                 "pad_to_square": model.pad_to_square}
     if model.base_model:
         overrides["base_model"] = model.base_model
     if model.audio_encoder in AUDIO_ENCODERS:

@@ -13,23 +13,35 @@ from pathlib import Path
 
 from safe.errors import SafeError
 
-# (column, source, key): source is "validation", "training" or "throughput" in metrics.json.
+# (column, source, key, what it means in one line): source is "validation", "training" or "throughput" in
+# metrics.json. The meanings are printed under the table, so a reader never has to guess.
 COLUMNS = [
-    ("run", None, None),
-    ("variant", "training", "variant"),
-    ("steps", "training", "step"),
-    ("cider_d", "validation", "audio_cider"),
-    ("spider", "validation", "audio_spider"),
-    ("meteor", "validation", "audio_meteor"),
-    ("cider_muted", "validation", "audio_cider_muted"),
-    ("audio_gain", "validation", "audio_gain"),
-    ("vqa_base", "validation", "vl_base_accuracy"),
-    ("vqa_safe", "validation", "vl_safe_accuracy"),
-    ("vqa_distractor", "validation", "vl_safe_distractor_accuracy"),
-    ("vl_delta", "validation", "vl_delta"),
-    ("vl_distractor_delta", "validation", "vl_distractor_delta"),
-    ("gate0_exact", "validation", "gate0_exact"),
-    ("samples_per_s", "throughput", "samples_per_second"),
+    ("run", None, None, "run folder"),
+    ("variant", "training", "variant", "retention variant"),
+    ("steps", "training", "step", "optimizer steps trained"),
+    ("cider_d", "validation", "audio_cider", "CIDEr-D of the captions, each clip with its own audio (0-100)"),
+    ("cider_shuffled", "validation", "audio_cider_shuffled",
+     "CIDEr-D when each clip is captioned with another clip's audio (a seeded derangement)"),
+    ("listen_gain", "validation", "audio_listen_gain",
+     "cider_d - cider_shuffled: what the model gets from listening to the clip (> 0: it listens)"),
+    ("listen_gain_ci", "validation", "audio_listen_gain_ci", "paired bootstrap 95 % interval of listen_gain"),
+    ("cider_muted", "validation", "audio_cider_muted", "CIDEr-D of the base answering the caption prompt without audio"),
+    ("audio_gain", "validation", "audio_gain", "cider_d - cider_muted: gain over the base (style and listening)"),
+    ("spider", "validation", "audio_spider", "SPIDEr = (CIDEr-D + SPICE) / 2 (null without the SPICE jars)"),
+    ("meteor", "validation", "audio_meteor", "METEOR 1.5 (0-100)"),
+    ("audio_n", "validation", "audio_samples", "clips captioned"),
+    ("vqa_base", "validation", "vl_base_accuracy", "VQA accuracy of the base (gate 0), official metric (0-100)"),
+    ("vqa_safe", "validation", "vl_safe_accuracy", "VQA accuracy of SAFE without audio (equals the base by design)"),
+    ("vqa_distractor", "validation", "vl_safe_distractor_accuracy",
+     "VQA accuracy of SAFE with an unrelated clip attached (clips never trained on)"),
+    ("vl_distractor_delta", "validation", "vl_distractor_delta",
+     "vqa_distractor - vqa_safe (same run, same batches): what a distractor clip costs (0 = retained)"),
+    ("vl_distractor_delta_ci", "validation", "vl_distractor_delta_ci",
+     "paired bootstrap 95 % interval of vl_distractor_delta"),
+    ("vl_n", "validation", "vl_samples", "VQA questions evaluated"),
+    ("max_tanh_alpha", "training", "max_abs_tanh_alpha", "largest |tanh(alpha)| of the fusion gates (0 = closed)"),
+    ("gate0_exact", "validation", "gate0_exact", "gate 0 / no audio gives logits bit-identical to the base"),
+    ("samples_per_s", "throughput", "samples_per_second", "training samples per second"),
 ]
 
 
@@ -54,7 +66,7 @@ def run_row(run_dir: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise SafeError(f"{run_dir / 'metrics.json'} is not valid JSON ({exc.msg}).") from None
     row = {}
-    for column, source, key in COLUMNS:
+    for column, source, key, _ in COLUMNS:
         row[column] = run_dir.name if source is None else metrics.get(source, {}).get(key)
     return row
 
@@ -66,40 +78,43 @@ def _format(value) -> str:
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:.2f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
     return str(value)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    names = [c for c, _, _ in COLUMNS]
+    names = [c for c, _, _, _ in COLUMNS]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join(_format(row[n]) for n in names) + " |" for row in rows]
+    lines += ["", "Columns:"] + [f"- `{name}`: {meaning}" for name, _, _, meaning in COLUMNS[1:]]
     return "\n".join(lines) + "\n"
 
 
 def csv_table(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[c for c, _, _ in COLUMNS], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[c for c, _, _, _ in COLUMNS], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
 
 
 def comparison_plot(rows: list[dict], path: Path) -> Path:
-    """Retention (distractor VQA delta) against audio quality (CIDEr-D), one point per run."""
+    """Retention (distractor VQA delta) against listening (listening gain), one point per run."""
     from safe.training.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:
-        if row["cider_d"] is None or row["vl_distractor_delta"] is None:
+        if row["listen_gain"] is None or row["vl_distractor_delta"] is None:
             continue
-        ax.scatter(row["cider_d"], row["vl_distractor_delta"], s=60)
-        ax.annotate(row["variant"] or row["run"], (row["cider_d"], row["vl_distractor_delta"]),
+        ax.scatter(row["listen_gain"], row["vl_distractor_delta"], s=60)
+        ax.annotate(row["variant"] or row["run"], (row["listen_gain"], row["vl_distractor_delta"]),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("audio captioning CIDEr-D (0-100)")
-    ax.set_ylabel("VQA accuracy with distractor audio − base (points)")
-    ax.set_title("Retention vs audio quality")
+    ax.set_xlabel("listening gain: CIDEr-D own audio − shuffled audio")
+    ax.set_ylabel("VQA accuracy with distractor audio − without (points)")
+    ax.set_title("Retention vs listening")
     return save_figure(fig, path)
 
 

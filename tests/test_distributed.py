@@ -62,8 +62,7 @@ def test_two_processes_train_identically_and_evaluate_like_one(toy_world, tmp_pa
     model = build_model(run_config, torch.device("cpu"))
     model.load_trainable(run_dir / "checkpoints" / "step_00000003")
     data = load_run_data(run_config, *audio_settings(run_config))
-    single = Evaluator(model, data.audio_val, data.vqa_val, data.distractor_pool, run_config, None,
-                       torch.device("cpu")).run(step=3)
+    single = Evaluator.for_run(model, data, run_config, None, torch.device("cpu")).run(step=3)
     distributed = metrics["validation"]
     for key, value in single.items():
         if key != "eval_seconds":

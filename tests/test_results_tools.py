@@ -104,7 +104,7 @@ def test_report_table_equals_the_runs_metrics(two_runs, tmp_path):
     assert [row["variant"] for row in table] == ["no_retention", "soft_retention"]
     for row, run in zip(table, sorted(runs)):
         metrics = json.loads((run / "metrics.json").read_text())
-        for column, source, key in COLUMNS:
+        for column, source, key, _ in COLUMNS:
             if source is None:
                 assert row[column] == run.name
                 continue

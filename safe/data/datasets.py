@@ -16,7 +16,9 @@ from torch.utils.data import Dataset
 
 from safe.data.audio import AudioLoadError, audio_info, choose_window, load_audio
 from safe.data.images import ImageLoadError, load_image
+from safe.data.leakage import wavcaps_row_is_banned
 from safe.data.manifest import ManifestError, check_row, find_split, iter_jsonl, resolve_media_path
+from safe.data.subsets import spread_subset
 from safe.errors import SafeError
 
 BAD_SAMPLE_POLICIES = ("skip", "error")
@@ -44,6 +46,7 @@ class _ManifestDataset(Dataset):
         on_bad_sample: str = "skip",
         max_samples: int | None = None,
         allow_outside_paths: bool = False,
+        subset_seed: int = 0,
     ):
         _check_policy(on_bad_sample)
         self.data_root = Path(data_root)
@@ -58,14 +61,19 @@ class _ManifestDataset(Dataset):
             row["_where"] = where
             rows.append(row)
         rows = self._build_items(rows)
-        if max_samples is not None:
-            rows = rows[:max_samples]
+        if max_samples is not None and len(rows) > max_samples:
+            # A seeded random subset spread over images/clips, never the first N (files are grouped by image).
+            rows = [rows[i] for i in spread_subset([self.subset_group(row) for row in rows], max_samples, subset_seed)]
         if not rows:
             raise ManifestError(f"{self.manifest_path} has no rows: the {self.dataset_name} {split} split is empty.")
         self.items = rows
 
     def _build_items(self, rows: list[dict]) -> list[dict]:
         return rows
+
+    def subset_group(self, row: dict):
+        """Items of one group (e.g. the questions about one image) are the last to share a subset."""
+        return id(row)
 
     def resolve(self, row: dict, key: str) -> Path:
         try:
@@ -161,13 +169,23 @@ class WavCapsDataset(_AudioDataset):
     dataset_name = "wavcaps"
     row_kind = "wavcaps"
 
-    def __init__(self, data_root: str | Path, split: str = "train", ratio: float = 1.0, **kwargs):
+    def __init__(self, data_root: str | Path, split: str = "train", ratio: float = 1.0,
+                 banned: set[str] | None = None, **kwargs):
         if not 0.0 < ratio <= 1.0:
             raise SafeError(f"--wavcaps-ratio must be in (0, 1], not {ratio}.")
         self.ratio = ratio
+        self.banned = banned or set()  # id forms of AudioCaps val/test clips and blacklisted clips (leakage)
+        self.dropped_overlap: list[str] = []
         super().__init__(data_root, split, **kwargs)
 
     def _build_items(self, rows: list[dict]) -> list[dict]:
+        kept = []
+        for row in rows:
+            if self.banned and wavcaps_row_is_banned(row, self.banned):
+                self.dropped_overlap.append(row["_where"])   # an evaluation clip: never trained on
+            else:
+                kept.append(row)
+        rows = kept
         for row in rows:
             row["references"] = [row["caption"]]
         if self.ratio >= 1.0:
@@ -182,6 +200,9 @@ class VQADataset(_ManifestDataset):
 
     dataset_name = "vqa"
     row_kind = "vqa"
+
+    def subset_group(self, row: dict):
+        return row["image_path"]
 
     def __init__(self, data_root: str | Path, split: str = "train", **kwargs):
         super().__init__(data_root, split, **kwargs)

@@ -10,14 +10,13 @@ file, or listed in a --blacklist file such as WavCaps' own blacklist JSON). Exit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safe.data.leakage import banned_keys, read_blacklist, wavcaps_row_is_banned
 from safe.data.manifest import ManifestError, check_row, find_split, iter_jsonl, resolve_media_path
 from safe.errors import SafeError
 
@@ -211,52 +210,6 @@ def _decode_sample(dataset: str, media: list[str], args) -> tuple[int, list[str]
 # ---------------------------------------------------------------------------------------------------- leakage
 
 
-def id_keys(text) -> set[str]:
-    """Forms an id can take in file names: 'Y<yid>', '<yid>_30000', 'Y<yid>_30.000_40.000.wav' -> '<yid>' etc."""
-    stem = Path(str(text)).name
-    stem = re.sub(r"\.(wav|flac|mp3|ogg|m4a|webm|opus)$", "", stem, flags=re.IGNORECASE)
-    keys = set()
-    for form in {stem, stem[1:] if stem.startswith("Y") else stem}:
-        if form:
-            keys.add(form)
-            keys.update(form[: m.start()] for m in re.finditer("_", form) if m.start() > 0)
-    return keys
-
-
-def plain_keys(text) -> set[str]:
-    """A listed id in its plain forms only (no prefix expansion, so two ids sharing a prefix never collide)."""
-    stem = re.sub(r"\.(wav|flac|mp3|ogg|m4a|webm|opus)$", "", Path(str(text)).name, flags=re.IGNORECASE)
-    return {form for form in (stem, stem[1:] if stem.startswith("Y") else "") if form}
-
-
-def read_blacklist(path: Path) -> set[str]:
-    """Ids from a text file (one per line, '#' comments, first CSV field), a JSON list, or a JSON object of lists
-    (the shape of WavCaps' own blacklist files)."""
-    if not path.is_file():
-        raise SafeError(f"Blacklist {path} does not exist; check --blacklist.")
-    text = path.read_text(encoding="utf-8")
-    ids: set[str] = set()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        for values in data.values():
-            if isinstance(values, list):
-                ids.update(str(v) for v in values)
-    elif isinstance(data, list):
-        ids.update(str(v) for v in data)
-    else:
-        for line in text.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                ids.add(line.split(",")[0].strip())
-    ids.discard("")
-    if not ids:
-        raise SafeError(f"Blacklist {path} holds no ids; one id per line, a JSON list, or a JSON object of lists.")
-    return ids
-
-
 def _audiocaps_clip(row: dict):
     if row.get("youtube_id"):
         return ("yt", str(row["youtube_id"]), round(float(row.get("start_time") or 0.0), 2))
@@ -292,15 +245,11 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
                                  f"and val: {_limited([str(q) for q in qids] + images)}")
     wavcaps = sets.get(("wavcaps", "train"))
     if wavcaps:
-        held_ids = {str(r["youtube_id"]) for loaded in held for _, r in loaded.rows if r.get("youtube_id")}
         held_files = set().union(*(realfiles(loaded) for loaded in held)) if held else set()
-        banned = set(held_ids)
-        for item in blacklist or ():
-            banned |= plain_keys(item)
+        banned = banned_keys((r.get("youtube_id") for loaded in held for _, r in loaded.rows), blacklist)
         hits = []
         for number, row in wavcaps.rows:
-            keys = id_keys(row.get("id", "")) | id_keys(row.get("audio_path", ""))
-            if keys & banned or (row.get("_media") and os.path.realpath(row["_media"]) in held_files):
+            if wavcaps_row_is_banned(row, banned) or (row.get("_media") and os.path.realpath(row["_media"]) in held_files):
                 hits.append(f"{wavcaps.path.name}:{number} ({row.get('id')})")
         if hits:
             report.errors.append(f"leakage: {len(hits)} WavCaps row(s) are AudioCaps val/test clips"

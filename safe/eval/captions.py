@@ -227,7 +227,7 @@ def _spice_score(gts: dict, res: dict) -> tuple[float | None, str | None]:
     return float(score), None
 
 
-def caption_metrics(predictions, references, cider_only: bool = False) -> dict:
+def caption_metrics(predictions, references, cider_only: bool = False, per_item: bool = False) -> dict:
     """Corpus-level captioning metrics on the 0-100 scale.
 
     predictions: dict id -> caption, or a list of captions.
@@ -236,7 +236,9 @@ def caption_metrics(predictions, references, cider_only: bool = False) -> dict:
     Returns {"bleu_1".."bleu_4", "meteor", "rouge_l", "cider", "spice", "spider", "n", "note"};
     spice/spider are None (and note explains) when SPICE cannot run, note is None otherwise.
     cider_only=True computes just {"cider", "n"} (the muted control needs no more, and METEOR's start-up
-    is most of the cost).
+    is most of the cost). per_item=True adds "cider_per_item": {id: CIDEr-D of that item}, from the same call
+    (the same IDF), so their mean is the corpus CIDEr-D and two runs on the same references can be compared
+    item by item (the paired bootstrap of the listening gain).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -267,12 +269,12 @@ def caption_metrics(predictions, references, cider_only: bool = False) -> dict:
                             f"(punctuation only); give at least one real reference.")
         gts[i] = kept
 
+    cider, cider_items = Cider().compute_score(gts, res)  # one call over the whole set: IDF from all refs
+    items = {"cider_per_item": {key: 100.0 * float(v) for key, v in zip(ids, cider_items)}} if per_item else {}
     if cider_only:
-        cider, _ = Cider().compute_score(gts, res)
-        return {"cider": 100.0 * float(cider), "n": len(ids)}
+        return {"cider": 100.0 * float(cider), "n": len(ids), **items}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)  # one call over the whole set: IDF from all refs
     meteor = _meteor_score(java, gts, res)
     spice, note = _spice_score(gts, res)
 
@@ -282,4 +284,4 @@ def caption_metrics(predictions, references, cider_only: bool = False) -> dict:
     result["spider"] = None if spice is None else (result["cider"] + result["spice"]) / 2.0
     result["n"] = len(ids)
     result["note"] = note
-    return result
+    return {**result, **items}

@@ -34,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
     encoder = model.audio_encoder
     data = load_run_data(config, encoder.sample_rate, encoder.clip_seconds)
     step = json.loads((checkpoint / "meta.json").read_text())["step"]
-    evaluator = Evaluator(model, data.audio_val, data.vqa_val, data.distractor_pool, config, None,
-                          torch.device(model.device))
+    evaluator = Evaluator.for_run(model, data, config, None, torch.device(model.device))
     # The run's feature cache, as in training: clips encoded then (val, distractors) are not encoded again.
-    evaluator.feature_cache = attach_feature_cache(config, encoder, [data.audio_val, data.distractor_pool])
+    evaluator.feature_cache = attach_feature_cache(config, encoder, [data.audio_val, data.eval_distractors])
     metrics = evaluator.run(step)
     out = Path(args.run) / f"eval_{checkpoint.name}.json"
     write_json_atomic(out, {"checkpoint": str(checkpoint), "validation": metrics})

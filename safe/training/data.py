@@ -7,6 +7,7 @@ uninterrupted one would have seen, starting from the saved position, without sto
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from safe.data.datasets import AudioCapsDataset, VQADataset, WavCapsDataset, collate_samples
+from safe.data.leakage import banned_keys, read_blacklist
+from safe.data.manifest import ManifestError
 from safe.errors import SafeError
 
 
@@ -23,7 +26,10 @@ class RunData:
     audio_val: AudioCapsDataset
     vqa_train: VQADataset | None
     vqa_val: VQADataset
-    distractor_pool: AudioCapsDataset  # training clips in evaluation mode (first window)
+    distractor_pool: AudioCapsDataset      # training clips in evaluation mode (first window): training distractors
+    eval_distractors: AudioCapsDataset     # clips never trained on: the distractors of every evaluation
+    eval_distractor_source: str            # which clips those are, in words (written to metrics.json)
+    wavcaps_dropped_overlap: int = 0       # WavCaps rows dropped as AudioCaps val/test or blacklisted clips
 
 
 def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
@@ -40,15 +46,60 @@ def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
     common = dict(on_bad_sample=data.on_bad_sample, allow_outside_paths=data.allow_outside_paths)
     audio = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=seed, **common)
     audio_train: Dataset = AudioCapsDataset(data.data_root, "train", training=True, **audio)
+    heldout = heldout_audiocaps(data.data_root, audio)
+    dropped = 0
     if data.use_wavcaps:
-        wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, **audio)
+        blacklist = read_blacklist(Path(data.wavcaps_blacklist)) if data.wavcaps_blacklist else None
+        banned = banned_keys((item.get("youtube_id") for split in heldout.values() for item in split.items), blacklist)
+        wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, banned=banned,
+                                 **audio)
+        dropped = len(wavcaps.dropped_overlap)
         audio_train = EpochConcatDataset([audio_train, wavcaps])
+    subset = dict(subset_seed=data.eval_seed, **audio)
     audio_val = AudioCapsDataset(data.data_root, data.audio_eval_split, training=False,
-                                 max_samples=data.max_audio_eval_samples, **audio)
+                                 max_samples=data.max_audio_eval_samples, **subset)
     vqa_train = VQADataset(data.data_root, "train", **common) if config.retention.use_vl else None
-    vqa_val = VQADataset(data.data_root, data.vl_eval_split, max_samples=data.max_vl_eval_samples, **common)
+    vqa_val = VQADataset(data.data_root, data.vl_eval_split, max_samples=data.max_vl_eval_samples,
+                         subset_seed=data.eval_seed, **common)
     pool = AudioCapsDataset(data.data_root, "train", training=False, **audio)
-    return RunData(audio_train, audio_val, vqa_train, vqa_val, pool)
+    distractors, source = eval_distractor_clips(heldout, audio_val)
+    return RunData(audio_train, audio_val, vqa_train, vqa_val, pool, distractors, source, dropped)
+
+
+def heldout_audiocaps(data_root, audio: dict) -> dict[str, AudioCapsDataset]:
+    """AudioCaps val and (when staged) test, whole, in evaluation mode: the clips no run trains on."""
+    out = {}
+    for split in ("val", "test"):
+        try:
+            out[split] = AudioCapsDataset(data_root, split, training=False, **audio)
+        except ManifestError:
+            if split == "val":
+                raise
+    return out
+
+
+def eval_distractor_clips(heldout: dict[str, AudioCapsDataset], captioned: AudioCapsDataset):
+    """Distractor clips for evaluation: AudioCaps val/test clips that are not captioned in this evaluation, so
+    retention is measured on audio the model never trained on (and not on the clip it is asked to caption).
+    When every held-out clip is captioned (a small toy split), the captioned clips themselves: still unseen."""
+    taken = {(item.get("youtube_id"), item.get("start_time"), str(item["path"])) for item in captioned.items}
+    pool, names = [], []
+    for split, dataset in heldout.items():
+        free = [item for item in dataset.items
+                if (item.get("youtube_id"), item.get("start_time"), str(item["path"])) not in taken]
+        if free:
+            pool.extend(free)
+            names.append(f"audiocaps {split}" + (" (clips not captioned)" if split == captioned.split else ""))
+    if not pool:
+        return captioned, f"audiocaps {captioned.split} (the captioned clips: no other held-out clips)"
+    return heldout_view(captioned, pool), " + ".join(names)
+
+
+def heldout_view(template: AudioCapsDataset, items: list[dict]) -> AudioCapsDataset:
+    """An AudioCaps evaluation dataset over ``items`` (rows already checked and resolved)."""
+    view = copy.copy(template)
+    view.items = items
+    return view
 
 
 GROUP_SPAN = 1024   # positions whose items are sorted by length together

@@ -91,11 +91,11 @@ def fill_caches(trainer) -> dict:
     started = time.perf_counter()
     filled = cache_features(trainer.config, trainer.model.audio_encoder, [], num_workers=0, progress=False)
     answered = 0
-    if trainer.vl_stream is not None:
+    if trainer.retention is not None:
         stream = trainer.vl_stream
         for _ in range(stream.batches_per_epoch):
             collated = trainer._next_batch(stream)
-            trainer._base_answers(collated)
+            trainer.retention._base_answers(collated)
             answered += collated["size"]
         stream.load_state({"epoch": 0, "consumed": 0})
     return {"clips": filled["clips"], "windows": filled["windows"], "questions_answered": answered,
@@ -120,7 +120,8 @@ class Instrumented:
 
         model.forward = forward
         trainer._next_batch = self.timers.wrap("data", trainer._next_batch)
-        trainer._vl_batch = self.timers.wrap("vl_batch", trainer._vl_batch)
+        if trainer.retention is not None:
+            trainer.retention.vl_batch = self.timers.wrap("vl_batch", trainer.retention.vl_batch)
         trainer.optimizer.step = self.timers.wrap("optimizer", trainer.optimizer.step)
         self._patches = [(trainer_module, "audio_batch", trainer_module.audio_batch),
                          (torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_),

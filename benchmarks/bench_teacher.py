@@ -42,7 +42,7 @@ def doubled(batch):
 
 
 def kl(student, teacher):
-    from safe.training.retention import kl_distillation
+    from safe.retention import kl_distillation
 
     return kl_distillation(student, teacher, torch.ones(student.shape[0]), 2.0)
 
@@ -88,7 +88,7 @@ def main() -> None:
         batches, tops = [], []
         for _ in range(4):
             collated = trainer._next_batch(trainer.vl_stream)
-            batch = trainer._vl_batch(collated, trainer.evaluator.distractor_audio(collated["ids"]))
+            batch = trainer.retention.vl_batch(collated, trainer._training_distractors(collated["ids"]))
             batches.append(batch)
             with torch.no_grad():
                 teacher = model(batch.with_audio(None), gate=0.0).answer_logits().float()

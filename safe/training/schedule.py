@@ -1,4 +1,4 @@
-"""Learning-rate schedule and optimiser parameter groups (DESIGN §5)."""
+"""The learning-rate schedule: linear warm-up, then cosine decay, in optimizer steps."""
 
 from __future__ import annotations
 
@@ -18,22 +18,3 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases and gate scalars are not weight-decayed."""
-    lowered = name.lower()
-    return param.ndim <= 1 or "norm" in lowered or "alpha" in lowered or "gate" in lowered
-
-
-def build_optimizer(named_groups: dict[str, dict[str, torch.nn.Parameter]], lrs: dict[str, float],
-                    weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with one group per (component, decay/no-decay); component names map to learning rates."""
-    groups = []
-    for component, params in named_groups.items():
-        decay = [p for n, p in params.items() if p.requires_grad and not is_no_decay(n, p)]
-        no_decay = [p for n, p in params.items() if p.requires_grad and is_no_decay(n, p)]
-        for tensors, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if tensors:
-                groups.append({"params": tensors, "lr": lrs[component], "weight_decay": wd, "name": component})
-    return torch.optim.AdamW(groups)

@@ -1,9 +1,10 @@
-"""Stage A training loop (DESIGN §5, §7).
+"""Stage A training loop (docs/design.md, "Training").
 
-One optimizer step = `gradient_accumulation_steps` audio caption micro-batches, then (variants with retention)
-VL micro-batches carrying distractor audio, trained to keep the base's own answers (KL to the gate-0 teacher).
-Audio gradients are projected off the protected VL directions first when null-space retention is on; the
-Fisher penalty is added last. Every run writes config.json at start, metrics.json after each evaluation,
+One optimizer step: the retention component refreshes what is due (Fisher, null-space basis); the audio caption
+micro-batches run forward and backward; retention adds its VL micro-batches (KL to the gate-0 teacher on the
+base's own answers, with a distractor clip) and the Fisher penalty; gradients are averaged across ranks once;
+null-space retention projects them, clipping and the non-finite guard follow, and the optimizer's update is
+projected again (safe.retention). Every run writes config.json at start, metrics.json after each evaluation,
 train_log.jsonl, checkpoints (atomic, resumable) and plots.
 """
 
@@ -22,10 +23,9 @@ from tqdm import tqdm
 
 from safe.config import RunConfig
 from safe.errors import SafeError
-from safe.eval.evaluator import BasePredictionCache, Evaluator
+from safe.eval.evaluator import Evaluator, distractor_features
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.data import BatchStream, item_texts, load_run_data
-from safe.models.prompts import caption_prompt
 from safe.training.features import attach_feature_cache, audio_batch
 from safe.training.distributed import (DistInfo, all_true, any_true, average_gradients, average_tensors, barrier,
                                        broadcast_object, init_distributed)
@@ -33,8 +33,9 @@ from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic
 from safe.training.plots import write_plots
 from safe.training.tracking import make_sinks
-from safe.training.retention import FisherPenalty, NullSpaceProjector, kl_distillation
 from safe.training.schedule import warmup_cosine
+from safe.retention import build_retention
+from safe.retention.gates import gate_openness
 
 AUDIO_STREAM, VL_STREAM = 0, 1
 
@@ -89,35 +90,52 @@ def _state(run_dir: Path) -> str | None:
 
 
 class Trainer:
+    """Stage A: the set-up below reads as a table of contents; `train_step` is one optimizer step."""
+
     def __init__(self, config: RunConfig, dist_info: DistInfo | None = None, device: torch.device | None = None):
-        self.config = config
         if dist_info is None:
             dist_info, device = init_distributed()
-        self.dist, self.device = dist_info, device
-        self.is_main = self.dist.is_main
-        train = config.train
-        sample_rate, clip_seconds = audio_settings(config)
-        self.data = load_run_data(config, sample_rate, clip_seconds)  # fail fast, before the model
-        # Rank 0 alone picks (and creates) the run folder; the others follow it.
-        located = resolve_run_dir(config) if self.is_main else None
+        self.dist, self.device, self.is_main = dist_info, device, dist_info.is_main
+        self.config = config
+        self._setup_run_dir()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_retention()
+        self._setup_outputs()
+        if self.resuming:
+            self._restore()
+
+    # ------------------------------------------------------------------------------------- set-up
+
+    def _setup_run_dir(self) -> None:
+        """The run folder (rank 0 picks and creates it; the others follow), config.json written at start."""
+        located = resolve_run_dir(self.config) if self.is_main else None
         run_dir, self.resuming = broadcast_object(located and (str(located[0]), located[1]), self.dist)
         self.run_dir = Path(run_dir)
         if self.resuming:
             saved = json.loads((self.run_dir / "config.json").read_text())["config"]
-            saved["train"]["resume"] = train.resume
-            self.config = config = RunConfig.from_dict(saved).validate()
-            train = config.train
+            saved["train"]["resume"] = self.config.train.resume
+            self.config = RunConfig.from_dict(saved).validate()
         elif self.is_main:
             write_json_atomic(self.run_dir / "config.json", {
-                "config": config.to_dict(), "environment": environment(),
+                "config": self.config.to_dict(), "environment": environment(),
                 "distributed": {"world_size": self.dist.world_size,
-                                "global_batch_size": self.global_batch_size(config)}})
+                                "global_batch_size": self.global_batch_size(self.config)}})
         self._set_state("running")
+
+    def _setup_data(self) -> None:
+        """Every manifest opened and checked before any model is loaded."""
+        self.sample_rate, self.clip_seconds = audio_settings(self.config)
+        self.data = load_run_data(self.config, self.sample_rate, self.clip_seconds)
+
+    def _setup_model(self) -> None:
+        train = self.config.train
         torch.manual_seed(train.seed)
         np.random.seed(train.seed % 2**32)
         if not self.is_main:
             barrier(self.dist)  # rank 0 builds/caches shared artefacts (e.g. the tiny base) first
-        self.model = build_model(config, self.device)
+        self.model = build_model(self.config, self.device)
         if train.activation_checkpointing:
             from safe.models.checkpointing import enable_activation_checkpointing
 
@@ -125,52 +143,63 @@ class Trainer:
         if self.is_main:
             barrier(self.dist)
         encoder = self.model.audio_encoder
-        if (encoder.sample_rate, encoder.clip_seconds) != (sample_rate, clip_seconds):
+        if (encoder.sample_rate, encoder.clip_seconds) != (self.sample_rate, self.clip_seconds):
             raise RuntimeError(f"audio encoder expects {encoder.sample_rate} Hz / {encoder.clip_seconds} s but the "
-                               f"data were set up for {sample_rate} Hz / {clip_seconds} s")
-        self.feature_cache = attach_feature_cache(config, encoder, self._audio_datasets())
+                               f"data were set up for {self.sample_rate} Hz / {self.clip_seconds} s")
+        self.feature_cache = attach_feature_cache(self.config, encoder, self._audio_datasets())
         if self.data.vqa_train is not None:  # images preprocessed in the loader workers, not in the step
             self.data.vqa_train.image_processor = self.model.builder.image_processor
         # Every training caption tokenised once, in batched calls, instead of a few at a time in each step.
         captions = item_texts(self.data.audio_train)
-        self.model.builder.warm([caption_prompt()] * len(captions), captions)
+        self.model.builder.warm([self.model.builder.caption_prompt()] * len(captions), captions)
         self.params = self.model.named_trainable_parameters()
-        # fused: one kernel over all tensors instead of a Python loop per tensor (1.3 -> 0.55 ms a step, CPU)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW (fused: one kernel over all tensors, 1.3 -> 0.55 ms a step on CPU), the batch streams, warm-up then
+        cosine in optimizer steps."""
+        train = self.config.train
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(train.lr_projector, train.lr_adapter, train.weight_decay), fused=True)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size, length_grouping=train.length_grouping)
+        workers = self.config.data.num_workers
         self.audio_stream = BatchStream(self.data.audio_train, train.train_batch_size, train.seed, AUDIO_STREAM,
-                                        config.data.num_workers, **shard)
-        self.vl_stream = BatchStream(self.data.vqa_train, train.train_batch_size, train.seed, VL_STREAM,
-                                     config.data.num_workers, **shard) if self.data.vqa_train is not None else None
+                                        workers, **shard)
+        self.vl_stream = BatchStream(self.data.vqa_train, train.train_batch_size, train.seed, VL_STREAM, workers,
+                                     **shard) if self.data.vqa_train is not None else None
         self.total_steps = train.max_steps or train.num_epochs * math.ceil(
             self.audio_stream.batches_per_epoch / train.gradient_accumulation_steps)
         warmup = train.warmup_steps if train.warmup_steps is not None else max(1, self.total_steps // 20)
         self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
-        retention = config.retention
-        self.fisher = FisherPenalty(self.params) if retention.fisher_weight > 0 else None
-        self.null_space = NullSpaceProjector(retention.null_space_rank) if retention.null_space_rank > 0 else None
-        self.base_answers: dict[str, str] = {}  # gate-0 greedy answers to training questions (the KL targets)
+
+    def _setup_retention(self) -> None:
+        self.retention = build_retention(
+            self.model, self.config, next_vl_batch=lambda: self._next_batch(self.vl_stream),
+            distractors=self._training_distractors, autocast=self._autocast,
+            reduce=lambda tensors: average_tensors(tensors, self.dist), log=lambda record: self.logger.log(record))
+
+    def _setup_outputs(self) -> None:
+        train = self.config.train
         self.step = 0
         self.history: list[dict] = []
         self.counters = {"nonfinite_skipped_steps": 0, "consecutive_nonfinite": 0, "skipped_samples": 0,
-                         "audio_samples": 0, "vl_samples": 0, "train_seconds": 0.0}
-        sinks = make_sinks(self.run_dir, train.tensorboard, train.wandb_project, config.to_dict()) \
+                         "audio_samples": 0, "train_seconds": 0.0}
+        sinks = make_sinks(self.run_dir, train.tensorboard, train.wandb_project, self.config.to_dict()) \
             if self.is_main else []
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, sinks=sinks)
-        self.evaluator = Evaluator(self.model, self.data.audio_val, self.data.vqa_val, self.data.distractor_pool,
-                                   config, self.run_dir, self.device,
-                                   BasePredictionCache(self.model, {"max_new_tokens": train.generation_max_new_tokens,
-                                                                    "num_beams": train.num_beams}), self.dist)
-        self.logger.log({"event": "start", "world_size": self.dist.world_size,
-                         "global_batch_size": self.global_batch_size(config), "total_steps": self.total_steps})
+        self.evaluator = Evaluator.for_run(self.model, self.data, self.config, self.run_dir, self.device, self.dist)
         self.evaluator.feature_cache = self.feature_cache
-        if self.resuming:
-            self._restore()
+        if self.data.wavcaps_dropped_overlap and self.is_main:
+            print(f"WavCaps: dropped {self.data.wavcaps_dropped_overlap} training rows that are AudioCaps val/test "
+                  "clips or blacklisted (never trained on what is evaluated).")
+        self.logger.log({"event": "start", "world_size": self.dist.world_size,
+                         "global_batch_size": self.global_batch_size(self.config), "total_steps": self.total_steps,
+                         "wavcaps_dropped_overlap": self.data.wavcaps_dropped_overlap,
+                         "eval_distractor_source": self.data.eval_distractor_source})
 
     def _audio_datasets(self):
         train = self.data.audio_train
-        return [*getattr(train, "datasets", [train]), self.data.audio_val, self.data.distractor_pool]
+        return [*getattr(train, "datasets", [train]), self.data.audio_val, self.data.distractor_pool,
+                self.data.eval_distractors]
 
     # ------------------------------------------------------------------------------------- state
 
@@ -190,9 +219,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "audio_stream": self.audio_stream.state(),
             "vl_stream": self.vl_stream.state() if self.vl_stream else None,
-            "fisher": self.fisher.state_dict() if self.fisher else None,
-            "null_space": self.null_space.state_dict() if self.null_space else None,
-            "base_answers": json.dumps(self.base_answers),
+            "retention": self.retention.state_dict() if self.retention else None,
             "counters": json.dumps(self.counters),
         }
 
@@ -213,11 +240,8 @@ class Trainer:
         self.audio_stream.load_state(state["audio_stream"])
         if self.vl_stream and state["vl_stream"]:
             self.vl_stream.load_state(state["vl_stream"])
-        if self.fisher and state["fisher"]:
-            self.fisher.load_state_dict(state["fisher"])
-        if self.null_space and state["null_space"]:
-            self.null_space.load_state_dict(state["null_space"])
-        self.base_answers = json.loads(state["base_answers"])
+        if self.retention is not None and state.get("retention"):
+            self.retention.load_state_dict(state["retention"])
         self.counters = json.loads(state["counters"])
         set_rng_state(state["rng"])
         metrics_path = self.run_dir / "metrics.json"
@@ -243,81 +267,10 @@ class Trainer:
                 return collated
         raise SafeError("No training sample could be loaded in 1000 batches; run `safe data validate`.")
 
-    def _distractors(self, collated: dict, micro: int) -> torch.Tensor | None:
-        """Distractor clips for a VL micro-batch, drawn from (seed, step, micro) for reproducibility."""
-        rng = np.random.default_rng([self.config.train.seed, self.step, micro, 7])
-        if rng.random() >= self.config.retention.distractor_prob:
-            return None
-        return self.evaluator.distractor_audio([f"{self.step}:{micro}:{i}" for i in collated["ids"]])
-
-
-    def _base_answers(self, collated: dict) -> list[str]:
-        """The base model's own greedy answers (gate 0): what KL retention keeps. Computed once per question."""
-        ids = [str(i) for i in collated["ids"]]
-        missing = [i for i, key in enumerate(ids) if key not in self.base_answers]
-        if missing:
-            pixels = collated["pixel_values"]
-            batch = self.model.builder.vqa_batch(
-                None if pixels is not None else [collated["images"][i] for i in missing],
-                [collated["questions"][i] for i in missing],
-                pixel_values=pixels[missing] if pixels is not None else None).to(self.device)
-            answers = self.model.generate(batch, gate=0.0, max_new_tokens=self.config.train.generation_max_new_tokens)
-            for i, answer in zip(missing, answers):
-                self.base_answers[ids[i]] = answer
-        return [self.base_answers[key] for key in ids]
-
-    def _vl_batch(self, collated: dict, features: torch.Tensor | None):
-        """A VQA batch labelled with the base's own answers, with `features` (distractor clips) attached."""
-        answers = self._base_answers(collated)
-        batch = self.model.builder.vqa_batch(collated["images"], collated["questions"], answers,
-                                             pixel_values=collated["pixel_values"])
-        return batch.with_audio(audio_features=features).to(self.device)
-
-    def _vl_kl(self, batch) -> torch.Tensor:
-        """T²·KL(p_base ‖ p_safe) on the answer positions; the teacher is the gate-0 model in fp32."""
-        with torch.no_grad():
-            teacher = self.model(batch.with_audio(None), gate=0.0).answer_logits().float()
-        with self._autocast():
-            student = self.model(batch, gate=1.0).answer_logits()
-        mask = torch.ones(student.shape[0], device=student.device)
-        return kl_distillation(student, teacher, mask, self.config.retention.kl_temperature)
-
-    def _vl_nll(self, batch) -> torch.Tensor:
-        with self._autocast():
-            return self.model(batch, gate=1.0).loss.float()
-
-    # ---------------------------------------------------------------------------------- retention
-
-    def _vl_samples(self, count: int, salt: int):
-        """`count` VL micro-batches for Fisher / null-space estimation, with distractor audio attached."""
-        batches = []
-        for i in range(count):
-            collated = self._next_batch(self.vl_stream)
-            features = self.evaluator.distractor_audio([f"{salt}:{self.step}:{i}:{q}" for q in collated["ids"]])
-            batches.append(self._vl_batch(collated, features))
-        return batches
-
-    def _refresh_retention(self) -> None:
-        retention = self.config.retention
-        if self.fisher is not None and self.step % retention.fisher_refresh == 0:
-            def per_sample():
-                for batch in self._vl_samples(retention.fisher_batches, salt=11):
-                    for row in range(batch.size):
-                        single = _select(batch, row)
-                        yield lambda single=single: self._vl_nll(single)
-            used = self.fisher.estimate(per_sample())
-            if self.fisher.fisher is not None:
-                self.fisher.fisher = average_tensors(self.fisher.fisher, self.dist)
-            self.logger.log({"event": "fisher_refresh", "step": self.step, "samples": used})
-        if self.null_space is not None and self.step % retention.null_space_refresh == 0:
-            self.null_space.reset()
-            tensors = list(self.params.values())
-            for batch in self._vl_samples(retention.null_space_batches, salt=13):
-                grads = torch.autograd.grad(self._vl_nll(batch), tensors, materialize_grads=True)
-                # Averaged over ranks so that every rank protects the same basis.
-                self.null_space.add(average_tensors(dict(zip(self.params, grads)), self.dist))
-            self.logger.log({"event": "null_space_refresh", "step": self.step,
-                             "tensors": len(self.null_space.bases)})
+    def _training_distractors(self, keys: list) -> torch.Tensor:
+        """Training clips as distractors for VL retention batches, drawn from (training seed, key)."""
+        return distractor_features(self.model, self.data.distractor_pool, keys, self.config.train.seed,
+                                   self.feature_cache)
 
     # --------------------------------------------------------------------------------------- step
 
@@ -325,13 +278,13 @@ class Trainer:
         config = self.config
         accumulation = config.train.gradient_accumulation_steps
         self.model.train()
-        if config.retention.use_vl:
-            self._refresh_retention()
+        if self.retention is not None:
+            self.retention.refresh(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         # Losses stay tensors until the step ends: one host sync a step instead of one per micro-batch.
         zero = torch.zeros((), device=self.device)
         losses = {"caption_loss": zero, "kl_loss": zero, "fisher_penalty": zero}
-        for micro in range(accumulation):
+        for _ in range(accumulation):
             collated = self._next_batch(self.audio_stream)
             batch = audio_batch(self.model, collated, self.feature_cache).to(self.device)
             with self._autocast():
@@ -339,24 +292,11 @@ class Trainer:
             (loss / accumulation).backward()
             losses["caption_loss"] = losses["caption_loss"] + loss.detach() / accumulation
             self.counters["audio_samples"] += batch.size
-        if self.null_space is not None:
-            self.null_space.project_({n: p.grad for n, p in self.params.items() if p.grad is not None})
-        if config.retention.use_vl and config.retention.kl_weight > 0:
-            vl_micro = max(1, round(accumulation * config.retention.vl_fraction / (1 - config.retention.vl_fraction)))
-            for micro in range(vl_micro):
-                collated = self._next_batch(self.vl_stream)
-                batch = self._vl_batch(collated, self._distractors(collated, micro))
-                self.counters["vl_samples"] += batch.size
-                if not batch.has_audio:  # no distractor drawn: the SAFE path is the base, nothing to retain
-                    continue
-                kl = self._vl_kl(batch)
-                (config.retention.kl_weight * kl / vl_micro).backward()
-                losses["kl_loss"] = losses["kl_loss"] + kl.detach() / vl_micro
-        if self.fisher is not None and self.fisher.fisher is not None:
-            penalty = self.fisher.penalty()
-            (config.retention.fisher_weight * penalty).backward()
-            losses["fisher_penalty"] = penalty.detach()
+        if self.retention is not None:
+            losses.update(self.retention.backward(self.step, accumulation))
         average_gradients(list(self.params.values()), self.dist)  # once per optimizer step (DDP's no_sync)
+        if self.retention is not None:
+            self.retention.project_gradients()
         # One non-finite check for the whole step: a NaN/inf in any loss or gradient makes the total gradient
         # norm (computed anyway for clipping) non-finite. Clipping scales gradients in place, so a bad step's
         # gradients are dropped below before the optimizer could see them.
@@ -376,13 +316,16 @@ class Trainer:
             grad_norm = float("nan")
         else:
             self.counters["consecutive_nonfinite"] = 0
-            self.optimizer.step()
+            with self.retention.protected_update() if self.retention is not None else contextlib.nullcontext():
+                self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        alphas = [p.detach().reshape(-1) for n, p in self.params.items() if n.endswith("alpha")]
-        max_alpha = float(torch.tanh(torch.cat(alphas)).abs().max()) if alphas else None
         return {**losses, "grad_norm": grad_norm, "finite": finite,
-                "lr_projector": self.optimizer.param_groups[0]["lr"], "max_abs_tanh_alpha": max_alpha}
+                "lr_projector": self.optimizer.param_groups[0]["lr"], "max_abs_tanh_alpha": self.max_abs_tanh_alpha()}
+
+    def max_abs_tanh_alpha(self) -> float | None:
+        """How open the fusion gates are: the largest |tanh(alpha)| (None for prefix fusion, which has none)."""
+        return gate_openness(self.params)
 
     # ---------------------------------------------------------------------------------------- run
 
@@ -398,13 +341,16 @@ class Trainer:
             return
         train = self.config.train
         seconds = max(self.counters["train_seconds"], 1e-9)
+        vl_samples = self.retention.vl_samples if self.retention is not None else 0
         # Counters are rank 0's; every rank sees the same number of samples per step.
-        samples = (self.counters["audio_samples"] + self.counters["vl_samples"]) * self.dist.world_size
+        samples = (self.counters["audio_samples"] + vl_samples) * self.dist.world_size
         write_json_atomic(self.run_dir / "metrics.json", {
             "validation": self.history[-1] if self.history else {},
             "history": self.history,
             "training": {"variant": train.variant, "step": self.step, "total_steps": self.total_steps,
                          "status": status, **{k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"},
+                         "vl_samples": vl_samples, "max_abs_tanh_alpha": self.max_abs_tanh_alpha(),
+                         "wavcaps_dropped_overlap": self.data.wavcaps_dropped_overlap,
                          "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config)},
             "throughput": {"samples_per_second": samples / seconds, "steps_per_second": self.step / seconds,
                            "seconds_per_step": seconds / max(self.step, 1)},
@@ -456,20 +402,6 @@ class Trainer:
         self.logger.close()
         return {"run_dir": str(self.run_dir), "status": status, "step": self.step,
                 "validation": self.history[-1] if self.history else {}}
-
-
-def _select(batch, row: int):
-    """One row of a SafeBatch (for per-sample Fisher gradients)."""
-    import dataclasses
-
-    def pick(t):
-        return None if t is None else t[row : row + 1]
-
-    return dataclasses.replace(batch, input_ids=pick(batch.input_ids), attention_mask=pick(batch.attention_mask),
-                               splice_pos=pick(batch.splice_pos), labels=pick(batch.labels),
-                               pixel_values=pick(batch.pixel_values), audio=pick(batch.audio),
-                               audio_features=pick(batch.audio_features),
-                               ids=None if batch.ids is None else batch.ids[row : row + 1])
 
 
 def train(config: RunConfig) -> dict:

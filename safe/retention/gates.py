@@ -1,0 +1,28 @@
+"""Which trainable tensors are fusion gates, and how open the audio path is.
+
+At the identity init (tanh α = 0) every projector and adapter weight has exactly zero gradient and only the gate
+scalars α have one, so statistics of the VL gradient taken at the closed gate see the gates alone. The Fisher
+penalty and the null-space projection therefore start once the path is open, and never act on the gate scalars
+themselves: a gate scales its whole adapter, so protecting it would keep the audio path shut (what KL retention
+measures directly is what the gate does to the answers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safe.models.fusion import is_gate  # noqa: F401  (re-exported: the retention code asks here)
+
+
+def gate_openness(params: dict[str, torch.nn.Parameter]) -> float | None:
+    """max_l |tanh α_l| (0 at the start); None when there are no gates (prefix fusion)."""
+    alphas = [p.detach().reshape(-1) for name, p in params.items() if name.endswith(".alpha")]
+    if not alphas:
+        return None
+    return float(torch.tanh(torch.cat(alphas)).abs().max())
+
+
+def audio_path_open(params: dict[str, torch.nn.Parameter], threshold: float) -> bool:
+    """True once the gates have opened past ``threshold`` (always, for fusion without gates)."""
+    openness = gate_openness(params)
+    return openness is None or openness >= threshold

@@ -15,9 +15,11 @@ class ManifestError(SafeError):
     """A manifest that cannot be used as it is; the message names the file (and line)."""
 
 
-# Required keys per manifest kind (DESIGN §3). Val/test AudioCaps rows carry `captions` instead of `caption`.
+# Required keys per manifest kind (DESIGN §3). Val/test AudioCaps and Clotho rows carry `captions` instead of
+# `caption`.
 REQUIRED_KEYS = {
     "audiocaps": ("id", "audio_path"),
+    "clotho": ("id", "audio_path"),  # rows shaped like AudioCaps ones, without the YouTube fields
     "wavcaps": ("id", "audio_path", "caption"),
     "vqa": ("question_id", "image_path", "question", "answers"),
 }
@@ -65,7 +67,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 def check_row(row: dict, kind: str, where: str) -> None:
     """Raise ManifestError naming `where` (file:line) when a row misses a key its kind needs."""
     missing = [key for key in REQUIRED_KEYS[kind] if key not in row]
-    if kind == "audiocaps" and "caption" not in row and "captions" not in row:
+    if kind in ("audiocaps", "clotho") and "caption" not in row and "captions" not in row:
         missing.append("caption/captions")
     if missing:
         raise ManifestError(f"{where}: {kind} row lacks {', '.join(missing)}.")

@@ -140,7 +140,7 @@ class Trainer:
             self.model.param_groups(train.lr_projector, train.lr_adapter, train.weight_decay), fused=True)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size, length_grouping=train.length_grouping)
         self.audio_stream = BatchStream(self.data.audio_train, train.train_batch_size, train.seed, AUDIO_STREAM,
-                                        config.data.num_workers, **shard)
+                                        config.data.num_workers, mix=self.data.source_mix, **shard)
         self.vl_stream = BatchStream(self.data.vqa_train, train.train_batch_size, train.seed, VL_STREAM,
                                      config.data.num_workers, **shard) if self.data.vqa_train is not None else None
         self.total_steps = train.max_steps or train.num_epochs * math.ceil(
@@ -390,6 +390,10 @@ class Trainer:
         metrics = self.evaluator.run(self.step)
         self.history.append(metrics)
         self.logger.log({"event": "eval", **metrics})
+        # Flat keys (wavcaps_realised, ...) so the trackers plot the realised mix as well.
+        self.logger.log({"event": "source_mix", "step": self.step, **{
+            f"{name}_{key}": value for name, figures in self.audio_stream.source_mix().items()
+            for key, value in figures.items()}})
         self.write_metrics()
         return metrics
 
@@ -405,7 +409,8 @@ class Trainer:
             "history": self.history,
             "training": {"variant": train.variant, "step": self.step, "total_steps": self.total_steps,
                          "status": status, **{k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"},
-                         "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config)},
+                         "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config),
+                         "source_mix": self.audio_stream.source_mix()},
             "throughput": {"samples_per_second": samples / seconds, "steps_per_second": self.step / seconds,
                            "seconds_per_step": seconds / max(self.step, 1)},
         })

@@ -27,6 +27,7 @@ COMMANDS = [
     (("data", "validate"), "safe.data.validate", "check a whole data root before training"),
     (("data", "fix-wavcaps"), "safe.data.wavcaps_fix", "repair WavCaps audio paths"),
     (("data", "validate-wavcaps"), "safe.data.wavcaps_validate", "check that every WavCaps row loads"),
+    (("metrics", "fetch-spice"), "safe.eval.spice_fetch", "download the Stanford CoreNLP jars SPICE needs"),
 ]
 
 

@@ -152,3 +152,10 @@ def test_toy_world_clotho_folder_is_the_official_layout_and_converts_identically
             (folder / f"clotho_{split}.jsonl").read_bytes(), split
     longest = max(r["duration"] for r in read_jsonl(folder / "clotho_test.jsonl"))
     assert longest > 4.0  # longer than the tiny encoder's window, as real Clotho clips are longer than CLAP's
+
+
+def test_a_missing_clotho_split_says_how_to_make_it(tmp_path):
+    from safe.errors import SafeError
+
+    with pytest.raises(SafeError, match="No clotho test manifest .* safe data prepare clotho --csv-dir"):
+        ClothoDataset(tmp_path, "test", training=False)

@@ -81,9 +81,11 @@ def find_split(data_root: str | Path, dataset: str, split: str) -> Path:
     for name in (f"{dataset}_{split}.jsonl", f"{split}.jsonl"):
         if (folder / name).is_file():
             return folder / name
+    how = ("convert the official Clotho files with `safe data prepare clotho --csv-dir DIR --audio-dir DIR`"
+           if dataset == "clotho" else
+           "stage data with `python -m experiments.full_training.download_data` or try `make demo`")
     raise ManifestError(
-        f"No {dataset} {split} manifest under {folder} (looked for {dataset}_{split}.jsonl and {split}.jsonl); "
-        "stage data with `python -m experiments.full_training.download_data` or try `make demo`."
+        f"No {dataset} {split} manifest under {folder} (looked for {dataset}_{split}.jsonl and {split}.jsonl); {how}."
     )
 
 

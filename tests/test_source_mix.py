@@ -136,3 +136,43 @@ def test_weights_and_wavcaps_switch_must_agree():
         build_config(cli_values={"source_weights": "audiocaps=1", "use_wavcaps": True})
     assert build_config(yaml_values={"data": {"source_weights": {"audiocaps": 2, "clotho": 1}}}).data.source_weights \
         == {"audiocaps": 2.0, "clotho": 1.0}
+
+
+@pytest.mark.slow
+def test_weighted_training_resumes_from_two_processes_on_one(toy_world, tmp_path):
+    """torchrun with 2 CPU processes for 2 steps (global batch 8), then a resume on 1 process (global batch 4):
+    the realised mix in metrics.json counts exactly the first 2*8 + 2*4 positions of the weighted order."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    values = {"data_root": str(toy_world), "output_root": str(tmp_path / "runs"), "model_config": "tiny",
+              "variant": "no_retention", "use_wavcaps": True, "source_weights": "audiocaps=1,wavcaps=0.5,clotho=0.3",
+              "train_batch_size": 4, "val_batch_size": 8, "num_workers": 0, "max_audio_eval_samples": 4,
+              "max_vl_eval_samples": 4, "generation_max_new_tokens": 4, "progress": False, "max_steps": 4}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+
+    def run(nproc, *extra):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(values))
+        result = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}",
+                                 str(repo / "tests" / "helpers" / "dist_worker.py"), str(config),
+                                 str(tmp_path / f"dump{nproc}"), *extra], cwd=repo, env=env, capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    run(2, "2")  # stop after 2 of 4 steps
+    run_dir = next((tmp_path / "runs").iterdir())
+    values["resume"] = str(run_dir)
+    run(1)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training"]["status"] == "completed" and metrics["training"]["world_size"] == 1
+    data = load_run_data(build_config(cli_values=values), 16000, 4.0)
+    order = epoch_order(len(data.audio_train), 42, 0, 0, mix=data.source_mix)
+    expected = data.source_mix.counts(order[: 2 * 8 + 2 * 4])
+    assert [metrics["training"]["source_mix"][name]["drawn"] for name in WEIGHTS] == expected.tolist()

@@ -23,10 +23,11 @@ COMMANDS = [
     (("cache-features",), "safe.training.cache_features", "encode the audio clips into the feature cache ahead of training"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),
-    (("data", "prepare"), "safe.data.prepare", "convert official AudioCaps/VQA/WavCaps files to manifests"),
+    (("data", "prepare"), "safe.data.prepare", "convert official AudioCaps/VQA/WavCaps/Clotho files to manifests"),
     (("data", "validate"), "safe.data.validate", "check a whole data root before training"),
     (("data", "fix-wavcaps"), "safe.data.wavcaps_fix", "repair WavCaps audio paths"),
     (("data", "validate-wavcaps"), "safe.data.wavcaps_validate", "check that every WavCaps row loads"),
+    (("metrics", "fetch-spice"), "safe.eval.spice_fetch", "download the Stanford CoreNLP jars SPICE needs"),
 ]
 
 

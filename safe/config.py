@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,28 @@ class DataConfig:
     eval_seed: int = 0  # seed of the evaluation subsets and distractors: the same for every run, so runs compare
     audio_eval_split: str = "val"
     vl_eval_split: str = "val"
+    audio_eval_dataset: str = "audiocaps"  # audiocaps or clotho
+    # Share of the training audio stream per source, e.g. {"audiocaps": 1, "wavcaps": 0.5}; None: every row alike.
+    source_weights: dict[str, float] | None = None
 
     def validate(self) -> None:
+        from safe.data.mixing import parse_source_weights
+
         if self.use_wavcaps and not 0.0 < self.wavcaps_ratio <= 1.0:
             raise SafeError(f"--wavcaps-ratio must be in (0, 1], not {self.wavcaps_ratio}.")
+        for name in ("audio_eval_split", "vl_eval_split"):
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", str(getattr(self, name))):
+                raise SafeError(f"--{name.replace('_', '-')} must be a split name such as val or test, "
+                                f"not {getattr(self, name)!r}.")
+        if self.audio_eval_dataset not in ("audiocaps", "clotho"):
+            raise SafeError(f"--audio-eval-dataset must be audiocaps or clotho, not {self.audio_eval_dataset!r}.")
+        self.source_weights = parse_source_weights(self.source_weights)
+        if self.source_weights is not None:
+            if "wavcaps" in self.source_weights and not self.use_wavcaps:
+                raise SafeError("--source-weights names wavcaps but WavCaps is off; add --use-wavcaps.")
+            if self.use_wavcaps and "wavcaps" not in self.source_weights:
+                raise SafeError("--use-wavcaps is on but --source-weights gives wavcaps no weight; add wavcaps=W "
+                                "(or drop --use-wavcaps).")
         if self.on_bad_sample not in ("skip", "error"):
             raise SafeError(f"--on-bad-sample must be skip or error, not {self.on_bad_sample!r}.")
         if self.num_workers < 0:

@@ -5,7 +5,6 @@ caption_metrics exactly twice, in module-scoped fixtures, and shares the results
 """
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -147,19 +146,6 @@ def test_missing_java_is_a_safe_error(monkeypatch):
     monkeypatch.setattr(captions.shutil, "which", lambda name: None)
     with pytest.raises(SafeError, match="Java is needed for METEOR"):
         caption_metrics({"x": "a dog"}, {"x": ["a dog"]})
-
-
-def test_spice_failure_becomes_null_with_note(monkeypatch):
-    import pycocoevalcap.spice.spice as spice_module
-
-    class FailingSpice:
-        def compute_score(self, gts, res):
-            raise subprocess.CalledProcessError(1, ["java", "-jar", "spice-1.0.jar"])
-
-    monkeypatch.setattr(captions, "spice_jars_present", lambda: True)
-    monkeypatch.setattr(spice_module, "Spice", FailingSpice)
-    score, note = captions._spice_score({0: ["a dog"]}, {0: ["a dog"]})
-    assert score is None and "SPICE failed" in note
 
 
 def test_meteor_watchdog_turns_a_stuck_process_into_an_error(monkeypatch):

@@ -112,7 +112,7 @@ def test_llava_prompts_are_llava_1_5_as_published(parts):
 def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
     from safe.models.batching import BatchBuilder
 
-    tokenizer, processor = parts[0], parts[1]
+    tokenizer = parts[0]
     prompts = [TINY.vqa(q) for q in ("what color is the circle?", "how many shapes are there?", "is there a red square?")]
     answers = ["red", "2", "no"]
     warm = BatchBuilder(tokenizer)

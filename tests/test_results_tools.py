@@ -63,7 +63,7 @@ def test_ask_and_eval_commands(two_runs, toy_world):
     assert base.stdout.strip() == plain.stdout.strip()  # no audio: the SAFE model is the base model
     evaluated = safe_cli("eval", "--run", runs[1], "--max-audio-eval-samples", 4, "--max-vl-eval-samples", 4)
     assert evaluated.returncode == 0, evaluated.stderr
-    written = json.loads(next(runs[1].glob("eval_step_*.json")).read_text())
+    written = json.loads(next(runs[1].glob("eval_audiocaps_val_step_*.json")).read_text())
     assert written["validation"]["gate0_exact"] is True and written["validation"]["audio_samples"] == 4
 
 

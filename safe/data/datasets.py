@@ -163,6 +163,15 @@ class AudioCapsDataset(_AudioDataset):
         return list(groups.values())
 
 
+class ClothoDataset(AudioCapsDataset):
+    """Clotho, prepared by `safe data prepare clotho`: rows shaped like AudioCaps ones (train one caption a row,
+    val/test the 5 references of a clip). Its 15-30 s clips are longer than most encoders' window, so evaluation
+    hears the first window and training a random one, as for any long clip."""
+
+    dataset_name = "clotho"
+    row_kind = "clotho"
+
+
 class WavCapsDataset(_AudioDataset):
     """WavCaps training rows; `ratio` keeps a fixed, seeded fraction of them (DESIGN §3)."""
 

@@ -15,9 +15,11 @@ class ManifestError(SafeError):
     """A manifest that cannot be used as it is; the message names the file (and line)."""
 
 
-# Required keys per manifest kind (DESIGN §3). Val/test AudioCaps rows carry `captions` instead of `caption`.
+# Required keys per manifest kind (DESIGN §3). Val/test AudioCaps and Clotho rows carry `captions` instead of
+# `caption`.
 REQUIRED_KEYS = {
     "audiocaps": ("id", "audio_path"),
+    "clotho": ("id", "audio_path"),  # rows shaped like AudioCaps ones, without the YouTube fields
     "wavcaps": ("id", "audio_path", "caption"),
     "vqa": ("question_id", "image_path", "question", "answers"),
 }
@@ -65,7 +67,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 def check_row(row: dict, kind: str, where: str) -> None:
     """Raise ManifestError naming `where` (file:line) when a row misses a key its kind needs."""
     missing = [key for key in REQUIRED_KEYS[kind] if key not in row]
-    if kind == "audiocaps" and "caption" not in row and "captions" not in row:
+    if kind in ("audiocaps", "clotho") and "caption" not in row and "captions" not in row:
         missing.append("caption/captions")
     if missing:
         raise ManifestError(f"{where}: {kind} row lacks {', '.join(missing)}.")
@@ -79,9 +81,11 @@ def find_split(data_root: str | Path, dataset: str, split: str) -> Path:
     for name in (f"{dataset}_{split}.jsonl", f"{split}.jsonl"):
         if (folder / name).is_file():
             return folder / name
+    how = ("convert the official Clotho files with `safe data prepare clotho --csv-dir DIR --audio-dir DIR`"
+           if dataset == "clotho" else
+           "stage data with `python -m experiments.full_training.download_data` or try `make demo`")
     raise ManifestError(
-        f"No {dataset} {split} manifest under {folder} (looked for {dataset}_{split}.jsonl and {split}.jsonl); "
-        "stage data with `python -m experiments.full_training.download_data` or try `make demo`."
+        f"No {dataset} {split} manifest under {folder} (looked for {dataset}_{split}.jsonl and {split}.jsonl); {how}."
     )
 
 

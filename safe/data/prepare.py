@@ -1,4 +1,4 @@
-"""`safe data prepare {audiocaps,vqa,wavcaps}`: official dataset files -> the JSONL manifests of DESIGN §3.
+"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of DESIGN §3.
 
 - audiocaps: the CSVs (`audiocap_id,youtube_id,start_time,caption`) plus a folder of audio named
   `<yid>.*`, `Y<yid>.*` or `<yid>_<start>...`; full videos are cut to [start, start + 10 s] as FLAC.
@@ -6,6 +6,7 @@
   COCO image folders; every row keeps all 10 human answers.
 - wavcaps: the per-subset `{"data": [{"id", "caption", "audio", "duration", ...}]}` JSON files plus the audio
   tree, matched file by file as `safe data fix-wavcaps` does.
+- clotho: see safe.data.clotho.
 
 Media paths are written relative to the output folder (the one resolver rule); a media folder elsewhere is
 reached through a symlink created inside the output folder. Rows whose media is missing are never dropped
@@ -465,7 +466,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     wavcaps.add_argument("--json-dir", help="folder searched for metadata JSON files")
     wavcaps.add_argument("--audio-dir", help="audio tree with one folder per subset (default: <out>/audio)")
     common(wavcaps, "wavcaps")
+    from safe.data import clotho
+
+    clotho_parser = kinds.add_parser("clotho", help="Clotho captions CSVs + audio folders -> clotho_*.jsonl")
+    clotho.configure(clotho_parser)
+    common(clotho_parser, "clotho")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prepare_kind == "clotho":
+        from safe.data.clotho import prepare_clotho
+
+        return prepare_clotho(args)
     return {"audiocaps": prepare_audiocaps, "vqa": prepare_vqa, "wavcaps": prepare_wavcaps}[args.prepare_kind](args)

@@ -4,6 +4,9 @@
 
     <out>/audiocaps/audiocaps_{train,val,test}.jsonl + audio/{train,val,test}/ac_*.{wav,flac,ogg}
     <out>/wavcaps/wavcaps_train.jsonl + audio/<Subset>/<nested>/*.{wav,flac}
+    <out>/clotho/clotho_captions_{development,validation,evaluation}.csv + {development,validation,evaluation}/*.wav
+        (the official Clotho layout, 44.1 kHz clips longer than the tiny encoder's window, names with spaces and
+        commas) and clotho_{train,val,test}.jsonl, converted from them as `safe data prepare clotho` does
     <out>/vqa/vqa_{train,val}.jsonl + images/{train2014,val2014}/COCO_*.png
     <out>/toy_labels.json   ground-truth attributes per clip and objects per image (for tests, pretraining)
     <out>/toy_world.json    seed, size, version, counts, every caption text the generator can say, vocabulary
@@ -34,17 +37,18 @@ from PIL import Image, ImageDraw
 from safe.data.manifest import write_jsonl
 from safe.errors import SafeError
 
-VERSION = "toy-world-1"
+VERSION = "toy-world-2"  # 2: the Clotho-shaped folder
 
 # Counts per size. "small" is for tests (< 5 s to generate); "medium" is the demo world.
 SIZES: dict[str, dict[str, int]] = {
     "small": {
         "audiocaps_train": 48, "audiocaps_val": 16, "audiocaps_test": 8, "wavcaps": 24,
-        "vqa_train": 60, "vqa_val": 30,
+        "vqa_train": 60, "vqa_val": 30, "clotho_development": 9, "clotho_validation": 3, "clotho_evaluation": 6,
     },
     "medium": {
         "audiocaps_train": 600, "audiocaps_val": 100, "audiocaps_test": 50, "wavcaps": 200,
-        "vqa_train": 2000, "vqa_val": 300,
+        "vqa_train": 2000, "vqa_val": 300, "clotho_development": 90, "clotho_validation": 30,
+        "clotho_evaluation": 50,
     },
 }
 SAMPLE_RATES = (16000, 22050, 44100)
@@ -54,7 +58,10 @@ QUESTIONS_PER_IMAGE = 3
 IMAGE_SIZE = 48
 GRID = 3  # 3x3 cells of 16 px: one object per cell, aligned with the tiny ViT's 16 px patches
 OGG_EVERY = 24  # audiocaps train clips i % OGG_EVERY == 5 are Ogg Vorbis (>= 2 in the small world)
-STREAMS = {"audiocaps_train": 1, "audiocaps_val": 2, "audiocaps_test": 3, "wavcaps": 4, "vqa_train": 5, "vqa_val": 6}
+STREAMS = {"audiocaps_train": 1, "audiocaps_val": 2, "audiocaps_test": 3, "wavcaps": 4, "vqa_train": 5, "vqa_val": 6,
+           "clotho_development": 7, "clotho_validation": 8, "clotho_evaluation": 9}
+CLOTHO_RATE = 44100  # Clotho ships 44.1 kHz mono WAV
+CLOTHO_SECONDS = (6.0, 10.0)  # longer than the tiny encoder's 4 s window, as real 15-30 s clips exceed CLAP's 10 s
 
 # ----------------------------------------------------------------------------------------------- sounds
 
@@ -496,6 +503,38 @@ def _write_wavcaps(root: Path, seed: int, counts: dict, labels: dict) -> dict[st
     return {"wavcaps_clips": len(rows)}
 
 
+def _write_clotho(root: Path, seed: int, counts: dict, labels: dict) -> dict[str, int]:
+    """The official Clotho layout (captions CSVs + audio folders), then its manifests through the converter."""
+    import csv
+
+    from safe.data import clotho
+
+    folder = root / "clotho"
+    summary = {}
+    number = 0
+    for official, split in clotho.SPLITS:
+        key = f"clotho_{official}"
+        specs = balanced_specs(counts[key], _stream(seed, key, 10**6))
+        rows = []
+        for i, spec in enumerate(specs):
+            number += 1
+            # Official names carry spaces and commas (e.g. "Water dripping, birds.wav"); so do these.
+            name = f"{spec.kind.replace('_', ' ')} recording {number:03d}, take {i % 3 + 1}.wav"
+            rng = _stream(seed, key, i)
+            frames = int(round(rng.uniform(*CLOTHO_SECONDS) * CLOTHO_RATE))
+            write_audio(folder / official / name, render_sound(spec, CLOTHO_RATE, frames, rng), CLOTHO_RATE)
+            labels[f"clotho/{official}/{name}"] = spec.as_dict()
+            rows.append([name, *_captions(Clip(f"{official}/{name}", spec, CLOTHO_RATE, frames, rng), N_REFERENCES)])
+        with open(folder / clotho.csv_name(official), "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["file_name", *clotho.CAPTION_COLUMNS])
+            writer.writerows(rows)
+        summary[f"clotho_{split}_clips"] = len(rows)
+    manifests, _ = clotho.convert(clotho.read_official(folder, folder), folder, "")
+    clotho.write_manifests(folder, manifests)
+    return summary
+
+
 # ------------------------------------------------------------------------------------------------- VQA
 
 SHAPES = ("circle", "square", "triangle")
@@ -680,7 +719,7 @@ def _prepare_out(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not (out_dir / "toy_world.json").is_file():
             raise SafeError(f"--out {out_dir} is not empty and holds no toy world; pass an empty or new folder.")
-        for name in ("audiocaps", "wavcaps", "vqa"):
+        for name in ("audiocaps", "wavcaps", "vqa", "clotho"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
         (out_dir / "toy_world.json").unlink()  # written last again, so it only exists for a complete world
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -700,6 +739,7 @@ def synthesize_toy_world(out_dir: Path, seed: int = 0, size: str = "small") -> d
     summary.update(_write_audiocaps(out_dir, seed, counts, labels))
     summary.update(_write_wavcaps(out_dir, seed, counts, labels))
     summary.update(_write_vqa(out_dir, seed, counts, labels))
+    summary.update(_write_clotho(out_dir, seed, counts, labels))
     _write_json_atomic(out_dir / "toy_labels.json", labels)
     meta = {"seed": seed, "size": size, "version": VERSION, "counts": summary,
             "caption_texts": all_caption_texts(), "vocabulary": vocabulary()}

@@ -22,8 +22,10 @@ from safe.errors import SafeError
 
 # (dataset, split, required). WavCaps is optional, AudioCaps test too.
 EXPECTED = [("audiocaps", "train", True), ("audiocaps", "val", True), ("audiocaps", "test", False),
-            ("vqa", "train", True), ("vqa", "val", True), ("wavcaps", "train", False)]
-MEDIA_KEY = {"audiocaps": "audio_path", "wavcaps": "audio_path", "vqa": "image_path"}
+            ("vqa", "train", True), ("vqa", "val", True), ("wavcaps", "train", False),
+            ("clotho", "train", False), ("clotho", "val", False), ("clotho", "test", False)]
+MEDIA_KEY = {"audiocaps": "audio_path", "wavcaps": "audio_path", "vqa": "image_path", "clotho": "audio_path"}
+CAPTIONED = ("audiocaps", "clotho")  # datasets whose val/test clips carry several references
 
 
 # ---------------------------------------------------------------------------------------- layout (download report)
@@ -41,6 +43,8 @@ def _official_hints(folder: Path, dataset: str) -> list[str]:
         return [f"safe data prepare vqa --questions-dir {folder} --images-dir {folder} --out {folder}"]
     if dataset == "wavcaps" and any(n.endswith("_final.json") for n in names):
         return [f"safe data prepare wavcaps --json-dir {folder} --audio-dir {folder / 'audio'} --out {folder}"]
+    if dataset == "clotho" and any(n.startswith("clotho_captions_") for n in names):
+        return [f"safe data prepare clotho --csv-dir {folder} --audio-dir {folder} --out {folder}"]
     return []
 
 
@@ -66,8 +70,9 @@ def layout_report(root: str | Path, wanted: set[str] | None = None) -> tuple[lis
         except ManifestError as exc:
             lines.append(f"  BROKEN  {path.relative_to(root)}: {exc}")
             missing.append(str(path.relative_to(root)))
-    for dataset in ("audiocaps", "vqa", "wavcaps"):
-        if any(m.startswith(dataset + "/") for m in missing):
+    for dataset in ("audiocaps", "vqa", "wavcaps", "clotho"):
+        absent_clotho = dataset == "clotho" and not (root / "clotho" / "clotho_test.jsonl").is_file()
+        if any(m.startswith(dataset + "/") for m in missing) or absent_clotho:
             for hint in _official_hints(root / dataset, dataset):
                 lines.append(f"  hint: official {dataset} files found; convert them with: {hint}")
     if missing:
@@ -142,10 +147,10 @@ def _check_manifest(root: Path, dataset: str, split: str, path: Path, args, repo
         report.errors.append(f"{rel}: {len(failures)} of {decoded + len(failures)} sampled media failed to decode: "
                              f"{_limited(failures)}")
     clips = len({(r.get("youtube_id"), r.get("start_time")) if r.get("youtube_id") else r.get("_media")
-                 for _, r in rows}) if dataset == "audiocaps" else None
+                 for _, r in rows}) if dataset in CAPTIONED else None
     report.lines.append(f"  {rel}: {len(rows)} rows" + (f", {clips} clips" if clips is not None else "")
                         + f", media {len(loaded.media)}/{len(referenced)} present, {decoded}/{decoded + len(failures)} sampled decoded")
-    if dataset == "audiocaps" and split != "train":
+    if dataset in CAPTIONED and split != "train":
         _check_references(rows, rel, report)
     return loaded
 
@@ -183,7 +188,7 @@ def _check_references(rows: list[tuple[int, dict]], rel: Path, report: Report) -
     few = sum(1 for c in counts if 0 < c < 5)
     if few:
         report.warnings.append(f"{rel}: {few} of {len(counts)} clips have fewer than 5 references "
-                               "(AudioCaps has 5; metrics are computed against what is there).")
+                               "(AudioCaps and Clotho have 5; metrics are computed against what is there).")
 
 
 def _decode_sample(dataset: str, media: list[str], args) -> tuple[int, list[str]]:
@@ -236,6 +241,12 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
             if shared or same_files:
                 report.errors.append(f"leakage: {len(shared)} clip(s) and {len(same_files)} audio file(s) are in "
                                      f"audiocaps train and {other.split}: {_limited(shared + same_files)}")
+    ctrain = sets.get(("clotho", "train"))
+    for other in (sets[k] for k in (("clotho", "val"), ("clotho", "test")) if k in sets and ctrain):
+        shared = sorted(realfiles(ctrain) & realfiles(other))
+        if shared:
+            report.errors.append(f"leakage: {len(shared)} audio file(s) are in clotho train and {other.split}: "
+                                 f"{_limited(shared)}")
     vtrain, vval = sets.get(("vqa", "train")), sets.get(("vqa", "val"))
     if vtrain and vval:
         qids = sorted({r["question_id"] for _, r in vtrain.rows} & {r["question_id"] for _, r in vval.rows}, key=str)

@@ -15,8 +15,9 @@ How the numbers are made, so they compare with papers:
   references of the set being scored, so the whole set is scored in ONE Cider call; CIDEr of a
   tiny set is not comparable with a full-set figure (a single clip scores 0 because every n-gram
   then has IDF 0).
-- SPICE needs Stanford CoreNLP 3.6.0 jars in pycocoevalcap/spice/lib. We never download them; when
-  they are missing (or SPICE fails) `spice` and `spider` are None and `note` says why.
+- SPICE needs the Stanford CoreNLP 3.6.0 jars: `safe metrics fetch-spice` puts them in the user cache
+  (pycocoevalcap's own spice/lib is used too). Nothing is downloaded here; when they are missing (or
+  SPICE fails) `spice` and `spider` are None and `note` says why (safe.eval.spice).
   SPIDEr = (CIDEr-D + SPICE) / 2.
 
 Degenerate inputs, handled only inside the scorers (the caller's predictions are untouched):
@@ -43,8 +44,6 @@ from safe.errors import SafeError
 JAVA_MISSING = ("Java is needed for METEOR and the PTB tokenizer: install a JRE "
                 "(e.g. apt-get install openjdk-17-jre-headless).")
 EMPTY_PLACEHOLDER = "emptyprediction"
-# Files SPICE loads from pycocoevalcap/spice/lib (its get_stanford_models() would download them).
-SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 # METEOR answers in milliseconds per caption once loaded; start-up reads a 60 MB paraphrase table.
 _METEOR_TIMEOUT_BASE_S = 300.0
 _METEOR_TIMEOUT_PER_ITEM_S = 0.05
@@ -209,22 +208,16 @@ def _meteor_score(java: str, gts: dict, res: dict) -> float:
 
 
 def spice_jars_present() -> bool:
-    lib = _package_dir() / "spice" / "lib"
-    return all((lib / name).is_file() for name in SPICE_CORENLP_JARS)
+    from safe.eval.spice import corenlp_dir
+
+    return corenlp_dir() is not None
 
 
-def _spice_score(gts: dict, res: dict) -> tuple[float | None, str | None]:
-    """SPICE, or (None, reason) when its jars are missing or it fails; never downloads anything."""
-    if not spice_jars_present():
-        return None, ("SPICE and SPIDEr are null: Stanford CoreNLP 3.6.0 jars ("
-                      + ", ".join(SPICE_CORENLP_JARS) + f") are not in {_package_dir() / 'spice' / 'lib'}.")
-    from pycocoevalcap.spice.spice import Spice
+def _spice_score(java: str, gts: dict, res: dict) -> tuple[float | None, str | None]:
+    """SPICE (0-1), or (None, reason) when its jars are missing or it fails; never downloads anything."""
+    from safe.eval.spice import spice_score
 
-    try:
-        score, _ = Spice().compute_score(gts, res)
-    except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as exc:
-        return None, f"SPICE and SPIDEr are null: SPICE failed ({type(exc).__name__}: {exc})."
-    return float(score), None
+    return spice_score(java, gts, res)
 
 
 def caption_metrics(predictions, references, cider_only: bool = False, per_item: bool = False) -> dict:
@@ -276,7 +269,7 @@ def caption_metrics(predictions, references, cider_only: bool = False, per_item:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     meteor = _meteor_score(java, gts, res)
-    spice, note = _spice_score(gts, res)
+    spice, note = _spice_score(java, gts, res)
 
     result = {f"bleu_{k + 1}": 100.0 * float(bleu[k]) for k in range(4)}
     result.update(meteor=100.0 * meteor, rouge_l=100.0 * float(rouge), cider=100.0 * float(cider))

@@ -6,6 +6,22 @@ import argparse
 
 from safe.config import VARIANTS, build_config, load_yaml
 
+ALL = "all"  # an evaluation limit meaning the whole split (None in the config)
+
+
+def eval_limit(text: str):
+    """A sample count, or 'all' for the whole split."""
+    if text.strip().lower() == "all":
+        return ALL
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 (or 'all')")
+    return value
+
+
 def _bool_flag(parser, name: str, help_text: str) -> None:
     parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
                         default=None, help=help_text)
@@ -20,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--wavcaps-ratio", type=float, help="fraction of WavCaps rows used (a fixed, seeded subset)")
     add("--wavcaps-blacklist", help="file of clip ids WavCaps must not train on (WavCaps' own blacklist JSON, a JSON "
         "list or one id per line); AudioCaps val/test clips are always dropped")
+    add("--source-weights", help="share of the training audio stream per source, e.g. audiocaps=1,wavcaps=0.5"
+        "[,clotho=0.3] (default: every row alike); clotho trains on clotho_train.jsonl")
     add("--output-root", help="where run folders are created (default experiments/full_training/runs)")
     add("--run-name", help="run folder name (default <YYYYmmdd_HHMMSS>_<variant>)")
     add("--seed", type=int)
@@ -46,12 +64,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float)
     add("--warmup-steps", type=int)
     add("--gradient-accumulation-steps", type=int)
-    add("--max-vl-eval-samples", type=int, help="VQA questions evaluated: a seeded random subset spread over images "
-        "(default 500)")
-    add("--max-audio-eval-samples", type=int, help="clips captioned in each evaluation: a seeded random subset "
-        "(default 500)")
+    add("--max-vl-eval-samples", type=eval_limit, help="VQA questions per evaluation, or 'all': a seeded random "
+        "subset spread over images when the split is larger (default 500)")
+    add("--max-audio-eval-samples", type=eval_limit, help="clips per evaluation, or 'all': a seeded random subset "
+        "when the split is larger (default 500)")
     add("--eval-seed", type=int, help="seed of the evaluation subsets and distractor clips (default 0: the same in "
         "every run, so runs compare item for item)")
+    add("--audio-eval-split", help="audio split evaluated during training: val (default) or test")
+    add("--vl-eval-split", help="VQA split evaluated during training (default val)")
+    add("--audio-eval-dataset", choices=("audiocaps", "clotho"), help="audio evaluation set (default audiocaps)")
     add("--eval-every", type=int, help="evaluate every N optimizer steps (default: at the end)")
     add("--save-every", type=int, help="checkpoint every N optimizer steps (default: with each evaluation)")
     add("--generation-max-new-tokens", type=int)
@@ -93,8 +114,13 @@ CONTROL_FLAGS = {"config", "command", "subcommand", "_module"}
 
 def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k not in CONTROL_FLAGS}
+    unlimited = {k for k, v in values.items() if v == ALL}
+    values = {k: None if k in unlimited else v for k, v in values.items()}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
-    return build_config(yaml_values, values)
+    config = build_config(yaml_values, values)
+    for key in unlimited:  # set after the merge: a None flag means "not given"
+        setattr(config.data, key, None)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from safe.data.datasets import AudioCapsDataset, VQADataset, WavCapsDataset, collate_samples
+from safe.data.datasets import AudioCapsDataset, ClothoDataset, VQADataset, WavCapsDataset, collate_samples
 from safe.data.leakage import banned_keys, read_blacklist
 from safe.data.manifest import ManifestError
+from safe.data.mixing import SourceMix
 from safe.errors import SafeError
+
+EVAL_DATASETS = {"audiocaps": AudioCapsDataset, "clotho": ClothoDataset}
 
 
 @dataclass
@@ -30,6 +33,7 @@ class RunData:
     eval_distractors: AudioCapsDataset     # clips never trained on: the distractors of every evaluation
     eval_distractor_source: str            # which clips those are, in words (written to metrics.json)
     wavcaps_dropped_overlap: int = 0       # WavCaps rows dropped as AudioCaps val/test or blacklisted clips
+    source_mix: SourceMix | None = None    # the training audio sources and their weights
 
 
 def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
@@ -45,25 +49,33 @@ def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
         )
     common = dict(on_bad_sample=data.on_bad_sample, allow_outside_paths=data.allow_outside_paths)
     audio = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=seed, **common)
-    audio_train: Dataset = AudioCapsDataset(data.data_root, "train", training=True, **audio)
+    weights = data.source_weights
     heldout = heldout_audiocaps(data.data_root, audio)
+    parts = {}
+    if weights is None or weights.get("audiocaps", 0) > 0:
+        parts["audiocaps"] = AudioCapsDataset(data.data_root, "train", training=True, **audio)
     dropped = 0
-    if data.use_wavcaps:
+    if data.use_wavcaps and (weights is None or weights.get("wavcaps", 0) > 0):
         blacklist = read_blacklist(Path(data.wavcaps_blacklist)) if data.wavcaps_blacklist else None
         banned = banned_keys((item.get("youtube_id") for split in heldout.values() for item in split.items), blacklist)
-        wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, banned=banned,
-                                 **audio)
-        dropped = len(wavcaps.dropped_overlap)
-        audio_train = EpochConcatDataset([audio_train, wavcaps])
-    subset = dict(subset_seed=data.eval_seed, **audio)
-    audio_val = AudioCapsDataset(data.data_root, data.audio_eval_split, training=False,
-                                 max_samples=data.max_audio_eval_samples, **subset)
+        parts["wavcaps"] = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True,
+                                          banned=banned, **audio)
+        dropped = len(parts["wavcaps"].dropped_overlap)
+    if weights is not None and weights.get("clotho", 0) > 0:
+        parts["clotho"] = ClothoDataset(data.data_root, "train", training=True, **audio)
+    datasets = list(parts.values())
+    audio_train: Dataset = datasets[0] if len(datasets) == 1 else EpochConcatDataset(datasets)
+    mix = SourceMix(list(parts), [len(d) for d in datasets],
+                    [weights[name] for name in parts] if weights is not None else None)
+    audio_val = EVAL_DATASETS[data.audio_eval_dataset](data.data_root, data.audio_eval_split, training=False,
+                                                       max_samples=data.max_audio_eval_samples,
+                                                       subset_seed=data.eval_seed, **audio)
     vqa_train = VQADataset(data.data_root, "train", **common) if config.retention.use_vl else None
     vqa_val = VQADataset(data.data_root, data.vl_eval_split, max_samples=data.max_vl_eval_samples,
                          subset_seed=data.eval_seed, **common)
     pool = AudioCapsDataset(data.data_root, "train", training=False, **audio)
     distractors, source = eval_distractor_clips(heldout, audio_val)
-    return RunData(audio_train, audio_val, vqa_train, vqa_val, pool, distractors, source, dropped)
+    return RunData(audio_train, audio_val, vqa_train, vqa_val, pool, distractors, source, dropped, mix)
 
 
 def heldout_audiocaps(data_root, audio: dict) -> dict[str, AudioCapsDataset]:
@@ -89,9 +101,10 @@ def eval_distractor_clips(heldout: dict[str, AudioCapsDataset], captioned: Audio
                 if (item.get("youtube_id"), item.get("start_time"), str(item["path"])) not in taken]
         if free:
             pool.extend(free)
-            names.append(f"audiocaps {split}" + (" (clips not captioned)" if split == captioned.split else ""))
+            same = captioned.dataset_name == "audiocaps" and split == captioned.split
+            names.append(f"audiocaps {split}" + (" (clips not captioned)" if same else ""))
     if not pool:
-        return captioned, f"audiocaps {captioned.split} (the captioned clips: no other held-out clips)"
+        return captioned, f"{captioned.dataset_name} {captioned.split} (the captioned clips: no other held-out clips)"
     return heldout_view(captioned, pool), " + ".join(names)
 
 
@@ -122,8 +135,23 @@ def length_grouped(order: np.ndarray, lengths: np.ndarray, rng: np.random.Genera
     return out
 
 
+def epoch_order(size: int, seed: int, stream: int, epoch: int, lengths: np.ndarray | None = None,
+                mix: SourceMix | None = None) -> np.ndarray:
+    """The global order of one epoch of one stream: a seeded permutation, or the weighted draw of a source mix,
+    optionally length-grouped. It does not depend on the world size."""
+    rng = np.random.default_rng([seed, stream, epoch])
+    if mix is not None and mix.weights is not None:
+        order = mix.epoch_order(seed, stream, epoch)
+    else:
+        order = rng.permutation(size)
+    if lengths is not None:
+        order = length_grouped(order, np.asarray(lengths), rng)
+    return order
+
+
 def rank_batches(size: int, batch_size: int, seed: int, stream: int, epoch: int, consumed: int = 0,
-                 rank: int = 0, world_size: int = 1, lengths: np.ndarray | None = None) -> list[list[int]]:
+                 rank: int = 0, world_size: int = 1, lengths: np.ndarray | None = None,
+                 mix: SourceMix | None = None) -> list[list[int]]:
     """This rank's index batches for the rest of one epoch of one stream.
 
     The epoch's order is a seeded permutation that does not depend on the world size; each global batch of
@@ -131,12 +159,9 @@ def rank_batches(size: int, batch_size: int, seed: int, stream: int, epoch: int,
     wrap around (as DistributedSampler pads). `consumed` counts global positions already used, so a run can
     resume mid-epoch with another world size. (DistributedSampler's own order depends on the number of
     replicas, which would make such a resume replay a different data order.) With ``lengths`` (one per item) the
-    permutation is length-grouped (`length_grouped`).
+    permutation is length-grouped (`length_grouped`); with a weighted ``mix`` the epoch is the mix's draw.
     """
-    rng = np.random.default_rng([seed, stream, epoch])
-    order = rng.permutation(size)
-    if lengths is not None:
-        order = length_grouped(order, np.asarray(lengths), rng)
+    order = epoch_order(size, seed, stream, epoch, lengths, mix)
     step = batch_size * world_size
     batches = []
     for start in range(consumed, size, step):
@@ -149,11 +174,14 @@ class BatchStream:
     """An endless, resumable stream of collated batches over a dataset: (epoch, consumed) is its state."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, stream: int, num_workers: int,
-                 rank: int = 0, world_size: int = 1, length_grouping: bool = False):
+                 rank: int = 0, world_size: int = 1, length_grouping: bool = False, mix: SourceMix | None = None):
         self.dataset, self.batch_size, self.seed, self.stream = dataset, batch_size, seed, stream
         self.lengths = np.asarray(item_lengths(dataset)) if length_grouping else None
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.mix = mix
         self.epoch, self.consumed = 0, 0
+        # Positions drawn per source in finished epochs (global: all ranks), for the realised mix.
+        self.drawn = np.zeros(len(mix.names), dtype=np.int64) if mix is not None else None
         self._iterator = None
         self._loader = None
 
@@ -162,10 +190,32 @@ class BatchStream:
         return -(-len(self.dataset) // (self.batch_size * self.world_size))
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        state = {"epoch": self.epoch, "consumed": self.consumed}
+        if self.drawn is not None:
+            state["drawn"] = self.drawn.tolist()
+        return state
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.consumed, self._iterator = state["epoch"], state["consumed"], None
+        if self.mix is not None:
+            if "drawn" in state:
+                self.drawn = np.asarray(state["drawn"], dtype=np.int64)
+            else:  # a checkpoint from before the mix was counted: its finished epochs, at this world size
+                full = self.batches_per_epoch * self.batch_size * self.world_size
+                self.drawn = sum((self._drawn_in(e, full) for e in range(self.epoch)),
+                                 np.zeros(len(self.mix.names), dtype=np.int64))
+
+    def _drawn_in(self, epoch: int, consumed: int) -> np.ndarray:
+        """Per-source counts of the first `consumed` global positions of `epoch` (wrapping as rank_batches does)."""
+        order = epoch_order(len(self.dataset), self.seed, self.stream, epoch, self.lengths, self.mix)
+        return self.mix.counts(order[np.arange(consumed) % len(order)])
+
+    def source_mix(self) -> dict | None:
+        """Requested and realised share of each source over every position drawn so far, on all ranks together
+        (a skipped unreadable sample still counts here; the trainer counts those separately)."""
+        if self.mix is None:
+            return None
+        return self.mix.summary(self.drawn + self._drawn_in(self.epoch, self.consumed))
 
     def _start_epoch(self) -> None:
         if self._loader is None:
@@ -191,6 +241,8 @@ class BatchStream:
             try:
                 batch = next(self._iterator)
             except StopIteration:
+                if self.drawn is not None:
+                    self.drawn = self.drawn + self._drawn_in(self.epoch, self.consumed)
                 self.epoch, self.consumed, self._iterator = self.epoch + 1, 0, None
                 continue
             self.consumed += self.batch_size * self.world_size
@@ -208,7 +260,7 @@ class _EpochBatches:
         s = self.stream
         epoch = s.epoch
         for batch in rank_batches(len(s.dataset), s.batch_size, s.seed, s.stream, epoch, s.consumed, s.rank,
-                                  s.world_size, s.lengths):
+                                  s.world_size, s.lengths, s.mix):
             yield [(epoch, index) for index in batch]
 
 

@@ -163,7 +163,7 @@ class Trainer:
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size, length_grouping=train.length_grouping)
         workers = self.config.data.num_workers
         self.audio_stream = BatchStream(self.data.audio_train, train.train_batch_size, train.seed, AUDIO_STREAM,
-                                        workers, **shard)
+                                        workers, mix=self.data.source_mix, **shard)
         self.vl_stream = BatchStream(self.data.vqa_train, train.train_batch_size, train.seed, VL_STREAM, workers,
                                      **shard) if self.data.vqa_train is not None else None
         self.total_steps = train.max_steps or train.num_epochs * math.ceil(
@@ -333,6 +333,10 @@ class Trainer:
         metrics = self.evaluator.run(self.step)
         self.history.append(metrics)
         self.logger.log({"event": "eval", **metrics})
+        # Flat keys (wavcaps_realised, ...) so the trackers plot the realised mix as well.
+        self.logger.log({"event": "source_mix", "step": self.step, **{
+            f"{name}_{key}": value for name, figures in self.audio_stream.source_mix().items()
+            for key, value in figures.items()}})
         self.write_metrics()
         return metrics
 
@@ -351,7 +355,8 @@ class Trainer:
                          "status": status, **{k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"},
                          "vl_samples": vl_samples, "max_abs_tanh_alpha": self.max_abs_tanh_alpha(),
                          "wavcaps_dropped_overlap": self.data.wavcaps_dropped_overlap,
-                         "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config)},
+                         "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config),
+                         "source_mix": self.audio_stream.source_mix()},
             "throughput": {"samples_per_second": samples / seconds, "steps_per_second": self.step / seconds,
                            "seconds_per_step": seconds / max(self.step, 1)},
         })

@@ -98,7 +98,8 @@ class ManifestRules:
         key = "question_id" if self.kind == "vqa" else "id"
         value = row[key]
         whole = self.kind != "audiocaps" or "captions" in row
-        identity = (_norm(row.get("audio_path")), row.get("youtube_id"), _start(row)) if self.kind == "audiocaps" else ()
+        identity = ((_norm(row.get("audio_path")), row.get("youtube_id"), _start(row)) if self.kind == "audiocaps"
+                    else ())
         # WavCaps ids are only unique within a subset (FreeSound and SoundBible both have a clip "1").
         name = (row.get("subset"), str(value)) if self.kind == "wavcaps" else str(value)
         seen = self.ids.get(name)

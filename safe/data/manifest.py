@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from safe.data.row_checks import ManifestRules, field_problems, missing_keys
 from safe.errors import SafeError
+from safe.files import atomic_write
 
 
 class ManifestError(SafeError):
@@ -48,18 +48,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write rows atomically (temp file + rename) so a crash never leaves a truncated manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    """Write rows atomically (safe.files: temp file + rename, the file-mode policy, a full disk as one sentence)
+    so a crash never leaves a truncated manifest."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def check_row(row: dict, kind: str, where: str) -> None:

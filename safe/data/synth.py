@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,7 +30,9 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from safe.data.manifest import write_jsonl
+from safe.diskspace import check_free_space, disk_full_error, free_bytes, is_disk_full
 from safe.errors import SafeError
+from safe.files import atomic_write_text
 
 VERSION = "toy-world-1"
 
@@ -47,6 +47,8 @@ SIZES: dict[str, dict[str, int]] = {
         "vqa_train": 2000, "vqa_val": 300,
     },
 }
+# Disk space each world takes (measured for seed 0, plus 2 % for other seeds), checked before writing.
+WORLD_BYTES = {"small": 15_300_000, "medium": 147_000_000}
 SAMPLE_RATES = (16000, 22050, 44100)
 N_REFERENCES = 5  # val/test references per clip
 TRAIN_CAPTIONS = (2, 3)  # captions per train clip (inclusive range)
@@ -662,15 +664,7 @@ def vocabulary() -> list[str]:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", fsync=False)
 
 
 def _prepare_out(out_dir: Path) -> None:
@@ -694,17 +688,33 @@ def synthesize_toy_world(out_dir: Path, seed: int = 0, size: str = "small") -> d
         raise SafeError(f"The toy world seed must be a non-negative integer, got {seed!r}.")
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
+    check_free_space(out_dir, WORLD_BYTES[size])
     counts = SIZES[size]
     labels: dict[str, dict] = {}
     summary: dict[str, int] = {}
-    summary.update(_write_audiocaps(out_dir, seed, counts, labels))
-    summary.update(_write_wavcaps(out_dir, seed, counts, labels))
-    summary.update(_write_vqa(out_dir, seed, counts, labels))
-    _write_json_atomic(out_dir / "toy_labels.json", labels)
-    meta = {"seed": seed, "size": size, "version": VERSION, "counts": summary,
-            "caption_texts": all_caption_texts(), "vocabulary": vocabulary()}
-    _write_json_atomic(out_dir / "toy_world.json", meta)
+    try:
+        summary.update(_write_audiocaps(out_dir, seed, counts, labels))
+        summary.update(_write_wavcaps(out_dir, seed, counts, labels))
+        summary.update(_write_vqa(out_dir, seed, counts, labels))
+        _write_json_atomic(out_dir / "toy_labels.json", labels)
+        meta = {"seed": seed, "size": size, "version": VERSION, "counts": summary,
+                "caption_texts": all_caption_texts(), "vocabulary": vocabulary()}
+        _write_json_atomic(out_dir / "toy_world.json", meta)
+    except Exception as exc:
+        # libsndfile reports a full disk as a bare error code, so a failed audio write on a full disk counts too.
+        full = is_disk_full(exc) or (isinstance(exc, sf.SoundFileError) and (free_bytes(out_dir) or 0) < 1 << 20)
+        if not full:
+            raise
+        _remove_partial_world(out_dir)  # frees the space, and lets the same command run again
+        raise disk_full_error(out_dir, WORLD_BYTES[size], "the partial world was removed") from None
     return {"seed": seed, "size": size, "version": VERSION, "counts": summary}
+
+
+def _remove_partial_world(out_dir: Path) -> None:
+    for name in ("audiocaps", "wavcaps", "vqa"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("toy_labels.json", "toy_world.json"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

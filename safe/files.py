@@ -40,8 +40,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | 
 
     `needed` (bytes, when known) is what a full-disk error says the write needs."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with reporting_disk_full(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:

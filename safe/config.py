@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from safe.config_checks import BadSetting, checked_value, section_problems
 from safe.errors import SafeError
 
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
@@ -203,6 +204,9 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         for part in (self.data, self.model, self.retention, self.train):
+            bad = section_problems(part)  # values set in code skip apply_overrides' checks
+            if bad:
+                raise SafeError(f"Bad setting{'s' if len(bad) > 1 else ''}: {' '.join(bad)}")
             part.validate()
         return self
 
@@ -231,16 +235,29 @@ def field_index() -> dict[str, str]:
 
 
 def apply_overrides(config: RunConfig, values: dict, source: str) -> None:
-    """Set fields from a nested ({"train": {...}}) or flat ({"seed": 1}) mapping; unknown keys are errors."""
+    """Set fields from a nested ({"train": {...}}) or flat ({"seed": 1}) mapping; unknown keys are errors, and
+    values of the wrong type or out of range are refused with one sentence per bad key."""
     index = field_index()
-    for key, value in values.items():
-        if key in SECTIONS and isinstance(value, dict):
-            apply_overrides(config, value, source)
-            continue
+    bad = []
+    for key, value in _flat_items(values):
         key = KEY_ALIASES.get(key, key)
         if key not in index:
             raise SafeError(f"Unknown setting {key!r} in {source}; known settings: {', '.join(sorted(index))}.")
-        setattr(getattr(config, index[key]), key, value)
+        section = getattr(config, index[key])
+        try:
+            setattr(section, key, checked_value(section, key, value))
+        except BadSetting as exc:
+            bad.append(str(exc))
+    if bad:
+        raise SafeError(f"Bad setting{'s' if len(bad) > 1 else ''} from {source}: {' '.join(bad)}")
+
+
+def _flat_items(values: dict):
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            yield from _flat_items(value)
+        else:
+            yield key, value
 
 
 def apply_variant_defaults(config: RunConfig, explicit: set[str]) -> None:

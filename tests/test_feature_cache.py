@@ -136,8 +136,10 @@ def test_corrupt_entry_is_deleted_and_recomputed(tmp_path, tone_writer, encoder,
     else:  # a well-formed file whose values are not finite
         from safetensors.torch import save_file
 
-        save_file({"features": torch.full(expected.shape, float("nan"))}, str(entry),
-                  metadata={"key": cache.key(clip, 0)})
+        from safe.data.feature_cache import checksum
+
+        nan = torch.full(expected.shape, float("nan"))
+        save_file({"features": nan}, str(entry), metadata={"key": cache.key(clip, 0), "crc32": checksum(nan)})
     assert cache.get(clip, 0) is not None  # this process still holds the entry in memory ...
     cache = make_cache(root, encoder)       # ... a new one (the next run, a loader worker) reads the disk
     assert cache.get(clip, 0) is None
@@ -160,6 +162,38 @@ def test_entry_of_another_key_is_rejected(tmp_path, tone_writer, encoder):
     cache = make_cache(root, encoder)        # a new process: nothing in memory
     assert cache.get(a, 0) is None and not file_a.exists()
     assert torch.equal(cache.get(b, 0), fresh(encoder, b))
+
+
+def test_a_flipped_bit_fails_the_checksum_is_counted_and_recomputed(tmp_path, tone_writer, encoder, capsys):
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000)
+    root = tmp_path / "cache"
+    expected = fresh(encoder, clip)
+    make_cache(root, encoder).put(clip, 0, expected)
+    (entry,) = entry_files(root)
+    data = bytearray(entry.read_bytes())
+    values_start = 8 + int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, then values
+    data[values_start + 401] ^= 0x01  # one low mantissa bit of one value: still a finite, plausible feature
+    entry.write_bytes(bytes(data))
+    cache = make_cache(root, encoder)  # a new process: nothing in memory
+    assert cache.get(clip, 0) is None  # a miss, so the loader decodes and encodes the clip again
+    assert cache.rejected == 1 and not entry.exists()
+    assert f"{entry} fails its checksum" in capsys.readouterr().err
+    cache.put(clip, 0, fresh(encoder, clip))
+    assert torch.equal(make_cache(root, encoder).get(clip, 0), expected)
+
+
+def test_an_entry_without_a_checksum_is_recomputed(tmp_path, tone_writer, encoder):
+    from safetensors.torch import save_file
+
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000)
+    cache = make_cache(tmp_path / "cache", encoder)
+    file = cache._file(cache.key(clip, 0))
+    file.parent.mkdir(parents=True)
+    # The format before checksums: the key only.
+    save_file({"features": fresh(encoder, clip).contiguous()}, str(file), metadata={"key": cache.key(clip, 0)})
+    assert cache.get(clip, 0) is None and cache.rejected == 1 and not file.exists()
 
 
 def test_memory_layer_serves_repeats_and_still_misses_a_changed_file(tmp_path, tone_writer, encoder):

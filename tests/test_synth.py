@@ -257,3 +257,11 @@ def test_main_cli(tmp_path, capsys):
     assert synth.main(["--out", str(tmp_path / "cli"), "--seed", "2"]) == 0
     assert "toy world (small, seed 2)" in capsys.readouterr().out
     assert (tmp_path / "cli" / "toy_world.json").is_file()
+
+
+def test_free_space_estimate_covers_the_small_world(toy_world):
+    """The space checked before writing a world is at least what the world takes (seed 0 world of the tests)."""
+    from safe.data.synth import WORLD_BYTES
+
+    used = sum(p.stat().st_size for p in toy_world.rglob("*") if p.is_file())
+    assert used <= WORLD_BYTES["small"] < 1.3 * used

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from safe.data.audio import AudioLoadError, audio_info, choose_window, load_audio
 from safe.data.images import ImageLoadError, load_image
 from safe.data.leakage import wavcaps_row_is_banned
-from safe.data.manifest import ManifestError, check_row, find_split, iter_jsonl, resolve_media_path
+from safe.data.manifest import ManifestError, RowChecker, find_split, iter_jsonl, resolve_media_path
 from safe.data.subsets import spread_subset
 from safe.errors import SafeError
 
@@ -55,9 +55,10 @@ class _ManifestDataset(Dataset):
         self.allow_outside_paths = allow_outside_paths
         self.manifest_path = find_split(self.data_root, self.dataset_name, split)
         rows = []
+        check = RowChecker(self.row_kind, split, self.manifest_path)
         for number, row in iter_jsonl(self.manifest_path):
             where = f"{self.manifest_path}:{number}"
-            check_row(row, self.row_kind, where)
+            check(number, row)
             row["_where"] = where
             rows.append(row)
         rows = self._build_items(rows)

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from safe.data.extract import (
     extract_archive,
     parse_size,
 )
+from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
 from safe.errors import SafeError
+from safe.files import atomic_write_text
 
 DATASETS = ("audiocaps", "vqa", "wavcaps")
 DEFAULT_DESTINATION = "experiments/full_training/data"
@@ -137,8 +140,10 @@ def _attempt(url: str, part: Path, opts: Options, desc: str) -> "hashlib._Hash":
         if have > size:
             part.unlink()
             have = 0
+        _check_room(part, size, have)
         digest = _sha256_of(part) if have else hashlib.sha256()
-        with open(local, "rb") as source, open(part, "ab") as out, _progress(size, have, desc, opts.progress) as bar:
+        with _removed_when_the_disk_fills(part, size), open(local, "rb") as source, open(part, "ab") as out, \
+                _progress(size, have, desc, opts.progress) as bar:
             source.seek(have)
             _copy(source, out, digest, bar, size, have)
         return digest
@@ -175,9 +180,30 @@ def _attempt(url: str, part: Path, opts: Options, desc: str) -> "hashlib._Hash":
         else:
             # A 200 answer to a Range request means the server cannot resume: start from the beginning.
             have, digest, mode, total = 0, hashlib.sha256(), "wb", length
-        with open(part, mode) as out, _progress(total, have, desc, opts.progress) as bar:
+        _check_room(part, total, have)
+        with _removed_when_the_disk_fills(part, total), open(part, mode) as out, \
+                _progress(total, have, desc, opts.progress) as bar:
             _copy(response, out, digest, bar, total, have)
     return digest
+
+
+def _check_room(part: Path, total: int | None, have: int) -> None:
+    """Refuse before writing when the announced size cannot fit (a partial file already there is kept)."""
+    if total is not None:
+        note = f"the partial file {part.name} is kept, so the same command resumes it" if have else None
+        check_free_space(part.parent, total - have, note)
+
+
+@contextmanager
+def _removed_when_the_disk_fills(part: Path, total: int | None):
+    """A write that fills the disk removes its partial file: keeping it would keep the disk full."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            raise
+        part.unlink(missing_ok=True)
+        raise disk_full_error(part.parent, total, "the partial download was removed") from None
 
 
 def fetch(source: Source, target: Path, opts: Options) -> str:
@@ -248,6 +274,9 @@ def stage(root: Path, source: Source, opts: Options) -> str:
         try:
             entries = extract_archive(archive, folder, strip_folder=source.dataset,
                                       max_bytes=opts.max_extract_bytes, show_progress=opts.progress)
+        except DiskFullError as exc:
+            raise disk_full_error(exc.path, exc.needed, f"the downloaded archive {archive} is kept, so the re-run "
+                                  "does not fetch it again") from None
         except SafeError:
             if not opts.keep_archives:
                 archive.unlink(missing_ok=True)  # a refused or corrupt archive is fetched afresh next time
@@ -260,9 +289,9 @@ def stage(root: Path, source: Source, opts: Options) -> str:
         os.replace(archive, folder / source.name)  # a plain file (manifest, CSV, JSON) is the data itself
         entries = [source.name]
         what = "placed"
-    marker = _marker_path(root, source)
-    marker.write_text(json.dumps({"url": source.url, "sha256": sha, "entries": entries,
-                                  "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    atomic_write_text(_marker_path(root, source), json.dumps({
+        "url": source.url, "sha256": sha, "entries": entries, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        indent=1))
     return f"{source.dataset}: {source.name} {what} into {folder} (sha256 {sha[:12]}…)"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from safe.diskspace import disk_full_error, free_bytes, is_disk_full, on_disk
 from safe.errors import SafeError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
@@ -339,12 +340,11 @@ def extract_archive(
     destination = Path(destination)
     members = scan_archive(archive, max_bytes=max_bytes, max_members=max_members)
     destination.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(destination).free
-    declared = sum(m.size for m in members if m.kind in ("file", "hardlink"))
-    if declared > free:
-        raise SafeError(
-            f"{archive.name} needs {declared:,} bytes but only {free:,} are free under {destination}; free some space."
-        )
+    # Every file and folder takes whole blocks: a million 1-byte files need 4 GB, not 1 MB.
+    needed = sum(on_disk(m.size) if m.kind in ("file", "hardlink") else on_disk(0) for m in members)
+    free = free_bytes(destination)
+    if free is not None and needed > free:
+        raise disk_full_error(destination, needed)
     temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=destination))
     try:
         progress = None
@@ -355,6 +355,9 @@ def extract_archive(
         try:
             _write_members(archive, members, temp, max_bytes, progress)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            if is_disk_full(exc):
+                shutil.rmtree(temp, ignore_errors=True)  # first, so the message counts the space it gives back
+                raise disk_full_error(destination, needed) from None
             raise UnsafeArchiveError(f"{archive.name} could not be extracted ({exc}); download it again.") from None
         finally:
             if progress is not None:

@@ -2,11 +2,13 @@
 
 An entry is keyed by the clip (absolute path, size, mtime), the encoder id, the sample rate, the clip length
 and the crop window (an index into `safe.data.audio.window_starts`), so a changed file or encoder simply misses.
-Entries are safetensors files written atomically; one that fails to load, carries another key, or holds
-non-finite values is deleted and recomputed. Values are stored in the encoder's own dtype, exactly as the encoder
-returned them: a cached feature is `torch.equal` to the encode that wrote it. Encoders are not bit-stable across
-batch compositions (measured: up to ~1e-6 for the tiny conv encoder), so a run with the cache is bit-identical to
-one without it while batches are the same (the first epoch) and equal to float rounding afterwards.
+Entries are safetensors files written atomically, each with a CRC-32 of its values; one that fails to load, carries
+another key, fails its checksum (a flipped bit) or has none (an older format), or holds non-finite values is
+deleted, counted in `rejected`, reported on stderr and recomputed. Values are stored in the encoder's own dtype,
+exactly as the encoder returned them: a cached feature is `torch.equal` to the encode that wrote it. Encoders are
+not bit-stable across batch compositions (measured: up to ~1e-6 for the tiny conv encoder), so a run with the cache
+is bit-identical to one without it while batches are the same (the first epoch) and equal to float rounding
+afterwards.
 
 Reads in the training process go through an in-memory LRU layer (``memory_mb``) keyed by the same key, so a repeat
 costs a stat instead of a safetensors open (1-2 ms an item on the tiny preset, measured): serial loading,
@@ -21,7 +23,8 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
+import sys
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from safetensors.torch import save_file
 from torch.utils.data import get_worker_info
 
 from safe.cache import cache_dir
+from safe.diskspace import on_disk
+from safe.files import atomic_write
 
 
 def default_cache_root() -> Path:
@@ -38,6 +43,13 @@ def default_cache_root() -> Path:
 
 
 DEFAULT_MEMORY_MB = 1024
+REPORTED_REJECTS = 5  # per process; later rejected entries are only counted
+
+
+def checksum(features: torch.Tensor) -> str:
+    """CRC-32 of the tensor's bytes, as stored in an entry's metadata."""
+    raw = features.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(raw):08x}"
 
 
 @functools.lru_cache(maxsize=1 << 20)
@@ -60,6 +72,7 @@ class FeatureCache:
         self.memory_bytes = int(memory_mb * 2**20)
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_used = 0
+        self.rejected = 0  # entries found bad on read (deleted, to be recomputed)
 
     @classmethod
     def for_encoder(cls, encoder, root: str | Path | None = None, memory_mb: float = DEFAULT_MEMORY_MB):
@@ -114,32 +127,42 @@ class FeatureCache:
             return None
         try:
             with safe_open(str(file), "pt") as handle:
-                stored_key = (handle.metadata() or {}).get("key")
+                stored = handle.metadata() or {}
                 # A copy: the tensor safetensors returns keeps the whole file memory-mapped while it lives, and
                 # thousands of held entries would exhaust the process's mappings.
                 features = handle.get_tensor("features").clone()
         except (OSError, MemoryError):
             return None  # could not read it now (a race, no memory): no evidence the entry is bad
         except Exception:
-            file.unlink(missing_ok=True)  # undecodable entry: recompute it
-            return None
-        if stored_key != key or not torch.isfinite(features.float()).all():
-            file.unlink(missing_ok=True)  # a foreign or non-finite entry: recompute it
-            return None
+            return self._reject(file, "cannot be decoded")
+        if stored.get("key") != key:
+            return self._reject(file, "belongs to another clip")
+        if stored.get("crc32") != checksum(features):
+            return self._reject(file, "fails its checksum" if "crc32" in stored else "has no checksum (older format)")
+        if not torch.isfinite(features.float()).all():
+            return self._reject(file, "holds non-finite values")
         self._remember(key, features)
         return features
 
+    def _reject(self, file: Path, why: str) -> None:
+        """Delete a bad entry (the caller recomputes it), count it, and say so for the first few."""
+        file.unlink(missing_ok=True)
+        self.rejected += 1
+        if self.rejected <= REPORTED_REJECTS:
+            more = "; further bad entries are only counted" if self.rejected == REPORTED_REJECTS else ""
+            print(f"warning: feature cache entry {file} {why}: deleted, it will be recomputed{more}.",
+                  file=sys.stderr)
+        return None
+
     def put(self, path: str | Path, window: int, features: torch.Tensor) -> None:
         key = self.key(path, window)
-        file = self._file(key)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".tmp")
-        os.close(fd)
         features = features.detach().to("cpu").clone(memory_format=torch.contiguous_format)  # a copy: a row view would keep its whole batch alive
-        try:
-            save_file({"features": features}, tmp, metadata={"key": key})
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        metadata = {"key": key, "crc32": checksum(features)}
+        atomic_write(self._file(key), lambda tmp: save_file({"features": features}, str(tmp), metadata=metadata),
+                     needed=self.entry_bytes(features))
         self._remember(key, features)
+
+    @staticmethod
+    def entry_bytes(features: torch.Tensor) -> int:
+        """Disk space one entry of these features takes (values, header with the key, block rounding)."""
+        return on_disk(features.numel() * features.element_size() + 1024)

@@ -4,36 +4,34 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from safe.data.row_checks import ManifestRules, field_problems, missing_keys
 from safe.errors import SafeError
+from safe.files import atomic_write
 
 
 class ManifestError(SafeError):
     """A manifest that cannot be used as it is; the message names the file (and line)."""
 
 
-# Required keys per manifest kind (DESIGN §3). Val/test AudioCaps and Clotho rows carry `captions` instead of
-# `caption`.
-REQUIRED_KEYS = {
-    "audiocaps": ("id", "audio_path"),
-    "clotho": ("id", "audio_path"),  # rows shaped like AudioCaps ones, without the YouTube fields
-    "wavcaps": ("id", "audio_path", "caption"),
-    "vqa": ("question_id", "image_path", "question", "answers"),
-}
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, row) for every non-blank line; a malformed line is an error naming file:line."""
     path = Path(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except FileNotFoundError:
         raise ManifestError(f"Manifest {path} does not exist.") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is harmless
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"{path}:{number}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at column "
+                                    f"{exc.start + 1}); re-save the manifest as UTF-8.") from None
             if not line.strip():
                 continue
             try:
@@ -50,29 +48,41 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write rows atomically (temp file + rename) so a crash never leaves a truncated manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    """Write rows atomically (safe.files: temp file + rename, the file-mode policy, a full disk as one sentence)
+    so a crash never leaves a truncated manifest."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def check_row(row: dict, kind: str, where: str) -> None:
-    """Raise ManifestError naming `where` (file:line) when a row misses a key its kind needs."""
-    missing = [key for key in REQUIRED_KEYS[kind] if key not in row]
-    if kind in ("audiocaps", "clotho") and "caption" not in row and "captions" not in row:
-        missing.append("caption/captions")
+    """Raise ManifestError naming `where` (file:line) when a row misses a key its kind needs or a field has the
+    wrong type (safe.data.row_checks)."""
+    missing = missing_keys(row, kind)
     if missing:
         raise ManifestError(f"{where}: {kind} row lacks {', '.join(missing)}.")
-    if kind == "vqa" and not (isinstance(row["answers"], list) and row["answers"]):
-        raise ManifestError(f"{where}: vqa row needs a non-empty list of answers.")
+    problems = field_problems(row, kind)
+    if problems:
+        raise ManifestError(f"{where}: {'; '.join(problems)}.")
+
+
+class RowChecker:
+    """check_row plus the rules across the rows of one manifest (unique ids, one file per val/test clip); call
+    it on every row in file order."""
+
+    def __init__(self, kind: str, split: str, path: str | Path):
+        self.kind, self.path = kind, path
+        self.rules = ManifestRules(kind, split)
+
+    def __call__(self, number: int, row: dict) -> None:
+        where = f"{self.path}:{number}"
+        check_row(row, self.kind, where)
+        problem = self.rules.problem(row, number)
+        if problem:
+            raise ManifestError(f"{where}: {problem}.")
 
 
 def find_split(data_root: str | Path, dataset: str, split: str) -> Path:

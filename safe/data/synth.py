@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +33,9 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from safe.data.manifest import write_jsonl
+from safe.diskspace import check_free_space, disk_full_error, free_bytes, is_disk_full
 from safe.errors import SafeError
+from safe.files import atomic_write_text
 
 VERSION = "toy-world-2"  # 2: the Clotho-shaped folder
 
@@ -51,6 +51,8 @@ SIZES: dict[str, dict[str, int]] = {
         "clotho_evaluation": 50,
     },
 }
+# Disk space each world takes (measured for seed 0, plus 2 % for other seeds), checked before writing.
+WORLD_BYTES = {"small": 27_700_000, "medium": 265_000_000}  # with the Clotho folder (official layout)
 SAMPLE_RATES = (16000, 22050, 44100)
 N_REFERENCES = 5  # val/test references per clip
 TRAIN_CAPTIONS = (2, 3)  # captions per train clip (inclusive range)
@@ -701,15 +703,7 @@ def vocabulary() -> list[str]:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", fsync=False)
 
 
 def _prepare_out(out_dir: Path) -> None:
@@ -725,26 +719,51 @@ def _prepare_out(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def synthesize_toy_world(out_dir: Path, seed: int = 0, size: str = "small") -> dict:
-    """Write the toy world into out_dir and return {"seed", "size", "version", "counts"}."""
+PARTS = ("audiocaps", "wavcaps", "vqa", "clotho")
+
+
+def synthesize_toy_world(out_dir: Path, seed: int = 0, size: str = "small", parts: tuple[str, ...] = PARTS) -> dict:
+    """Write the toy world into out_dir and return {"seed", "size", "version", "counts"}.
+
+    ``parts`` writes only some datasets (each from its own random stream, so a part is the same whichever others
+    are written): the tiny base's build needs only the VQA part and the caption texts."""
     if size not in SIZES:
         raise SafeError(f"Unknown toy world size {size!r}; use one of {', '.join(SIZES)}.")
     if not isinstance(seed, int) or seed < 0:
         raise SafeError(f"The toy world seed must be a non-negative integer, got {seed!r}.")
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
+    check_free_space(out_dir, WORLD_BYTES[size])
     counts = SIZES[size]
     labels: dict[str, dict] = {}
     summary: dict[str, int] = {}
-    summary.update(_write_audiocaps(out_dir, seed, counts, labels))
-    summary.update(_write_wavcaps(out_dir, seed, counts, labels))
-    summary.update(_write_vqa(out_dir, seed, counts, labels))
-    summary.update(_write_clotho(out_dir, seed, counts, labels))
-    _write_json_atomic(out_dir / "toy_labels.json", labels)
-    meta = {"seed": seed, "size": size, "version": VERSION, "counts": summary,
-            "caption_texts": all_caption_texts(), "vocabulary": vocabulary()}
-    _write_json_atomic(out_dir / "toy_world.json", meta)
+    writers = {"audiocaps": _write_audiocaps, "wavcaps": _write_wavcaps, "vqa": _write_vqa, "clotho": _write_clotho}
+    unknown = set(parts) - set(writers)
+    if unknown:
+        raise SafeError(f"Unknown toy world part(s) {sorted(unknown)}; use {', '.join(PARTS)}.")
+    try:
+        for part in PARTS:
+            if part in parts:
+                summary.update(writers[part](out_dir, seed, counts, labels))
+        _write_json_atomic(out_dir / "toy_labels.json", labels)
+        meta = {"seed": seed, "size": size, "version": VERSION, "counts": summary,
+                "caption_texts": all_caption_texts(), "vocabulary": vocabulary()}
+        _write_json_atomic(out_dir / "toy_world.json", meta)
+    except Exception as exc:
+        # libsndfile reports a full disk as a bare error code, so a failed audio write on a full disk counts too.
+        full = is_disk_full(exc) or (isinstance(exc, sf.SoundFileError) and (free_bytes(out_dir) or 0) < 1 << 20)
+        if not full:
+            raise
+        _remove_partial_world(out_dir)  # frees the space, and lets the same command run again
+        raise disk_full_error(out_dir, WORLD_BYTES[size], "the partial world was removed") from None
     return {"seed": seed, "size": size, "version": VERSION, "counts": summary}
+
+
+def _remove_partial_world(out_dir: Path) -> None:
+    for name in PARTS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("toy_labels.json", "toy_world.json"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,6 @@ disabled), so its logits are bit-identical to the base's.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safe.errors import SafeError
+from safe.files import atomic_write, atomic_write_text
 from safe.models.batching import BatchBuilder, SafeBatch, position_ids_from_mask
 from safe.models.fusion import XAttnFusion, is_gate, splice_prefix
 from safe.models.lora import LoraSwitch, attach_lora, lora_parameters
@@ -313,9 +312,10 @@ class SAFEModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.trainable_config()
-        _atomic_write(directory / TRAINABLE_FILE, lambda path: save_file(self.trainable_state_dict(), path,
-                                                                         metadata={"format": FORMAT}))
-        _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=1)))
+        state = self.trainable_state_dict()
+        atomic_write(directory / TRAINABLE_FILE, lambda path: save_file(state, str(path), metadata={"format": FORMAT}),
+                     needed=sum(t.numel() * t.element_size() for t in state.values()))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1))
         return directory
 
     def load_trainable(self, directory: str | Path) -> dict:
@@ -372,14 +372,3 @@ class SAFEModel(nn.Module):
     def trainable_config_value(self, key: str):
         return {"fusion": self.preset.fusion, "num_audio_tokens": self.preset.num_audio_tokens,
                 "lora_rank": self.preset.lora_rank}[key]
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

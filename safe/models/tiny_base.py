@@ -221,9 +221,7 @@ def _load_world(world: Path) -> dict:
     meta = json.loads((world / "toy_world.json").read_text())
     labels = json.loads((world / "toy_labels.json").read_text())
     vqa = {split: read_jsonl(world / "vqa" / f"vqa_{split}.jsonl") for split in ("train", "val")}
-    captions = sorted(set(meta.get("caption_texts") or []))
-    if not captions:
-        captions = sorted({row["caption"] for row in read_jsonl(world / "audiocaps" / "audiocaps_train.jsonl")})
+    captions = sorted(set(meta["caption_texts"]))
     return {"meta": meta, "labels": labels, "vqa": vqa, "captions": captions}
 
 
@@ -378,7 +376,7 @@ def _build(out_dir: Path, seed: int, log, cfg: dict, key: str) -> dict:
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="safe-tiny-world-") as tmp:
         world_dir = Path(tmp) / "world"
-        synthesize_toy_world(world_dir, seed=seed, size=cfg["world_size"])
+        synthesize_toy_world(world_dir, seed=seed, size=cfg["world_size"], parts=("vqa",))
         world = _load_world(world_dir)
         train_rows, val_rows = world["vqa"]["train"], world["vqa"]["val"]
         corpus = prompt_texts() + world["captions"] + [r["question"] for r in train_rows + val_rows]

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from safe.data.audio import AudioLoadError, audio_info, load_audio, window_count
+from safe.diskspace import DiskFullError, check_free_space, disk_full_error
 from safe.errors import SafeError
 
 
@@ -102,9 +103,17 @@ def cache_features(config, encoder, eval_splits: list[str], batch_size: int = 32
             unreadable += batch["unreadable"]
             if batch["audio"] is not None:
                 features = encoder(batch["audio"].to(encoder.device, non_blocking=True))
-                for row, (path, window) in enumerate(batch["pairs"]):
-                    cache.put(path, window, features[row])
-                encoded += len(batch["pairs"])
+                # The first batch tells what an entry takes: refuse at once when the rest cannot fit.
+                needed = cache.entry_bytes(features[0]) * (len(pending) - encoded)
+                kept = "entries already written are kept, so the same command continues from there"
+                if not encoded:
+                    check_free_space(cache.root, needed, kept)
+                try:
+                    for row, (path, window) in enumerate(batch["pairs"]):
+                        cache.put(path, window, features[row])
+                        encoded += 1
+                except DiskFullError:
+                    raise disk_full_error(cache.root, needed, kept) from None
             bar.update(len(batch["pairs"]) + len(batch["unreadable"]))
     return {"clips": len(clips), "windows": len(windows), "encoded": encoded,
             "already_cached": len(mine) - len(pending), "unreadable": sorted(set(unreadable)),

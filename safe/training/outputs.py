@@ -7,10 +7,14 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from safe.diskspace import reporting_disk_full
+from safe.errors import SafeError
+from safe.files import atomic_write_text
 
 PACKAGES = ("safe", "torch", "transformers", "peft", "tokenizers", "safetensors", "soundfile", "soxr",
             "numpy", "pycocoevalcap")
@@ -45,19 +49,8 @@ def _json_safe(value):
 
 
 def write_json_atomic(path: str | Path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_json_safe(payload), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` atomically (safe.files: the run's file-mode policy, a full disk as one sentence)."""
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 def git_commit() -> str | None:
@@ -95,8 +88,20 @@ class RunLogger:
         if not self.enabled:
             return
         record = _json_safe({"time": round(time.time(), 3), **record})
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        with reporting_disk_full(self.path, len(data)):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask gives the policy's mode
+            try:
+                end = os.fstat(fd).st_size
+                try:
+                    done = 0
+                    while done < len(data):
+                        done += os.write(fd, data[done:])
+                except OSError:
+                    os.ftruncate(fd, end)  # no half line for the next record to be glued onto
+                    raise
+            finally:
+                os.close(fd)
         for sink in self.sinks:
             sink(record)
 
@@ -108,7 +113,21 @@ class RunLogger:
 
 
 def read_log(run_dir: Path) -> list[dict]:
+    """The log's records. A last line cut short (a crash or a full disk mid-write) is skipped; any other line
+    that does not parse is an error naming file and line."""
     path = Path(run_dir) / "train_log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: skipped the last line, cut short ({exc.msg}).", file=sys.stderr)
+                continue
+            raise SafeError(f"{path}:{number}: not a JSON record ({exc.msg}); fix or remove that line.") from None
+    return records

@@ -48,6 +48,8 @@ def _is_list(kind) -> bool:
 
 
 def _describe(kind) -> str:
+    if typing.get_origin(kind) is dict:
+        return "a mapping of names to numbers (or name=number,... text)"
     if _is_list(kind):
         (item, *_) = typing.get_args(kind) or (object,)
         return f"a list of {_PLURALS.get(item, 'values')}"
@@ -77,6 +79,14 @@ def _convert(kind, value):
         (item, *_) = typing.get_args(kind) or (object,)
         items = [_convert(item, v) for v in value]
         return _BAD if any(v is _BAD for v in items) else items
+    if typing.get_origin(kind) is dict:
+        # A mapping of names to numbers, or the flag's "name=number,..." text (parsed by the field's own rules).
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return _BAD
+        numbers = {k: _convert(float, v) for k, v in value.items()}
+        return _BAD if any(v is _BAD for v in numbers.values()) else numbers
     return value
 
 

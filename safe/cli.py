@@ -66,7 +66,8 @@ def _run(module, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue", file=sys.stderr)
+        print("stopped at once; a training run continues from its last checkpoint with the same command plus "
+              "--resume auto (or --resume RUN_DIR)", file=sys.stderr)
         return 130
 
 

@@ -164,7 +164,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
     eval_every: int | None = None  # optimizer steps; None: at the end only
-    save_every: int | None = None  # optimizer steps; None: with every evaluation and at the end
+    save_every: int | None = 500  # optimizer steps between checkpoints (also with every evaluation and at the end)
     log_every: int = 10
     generation_max_new_tokens: int = 32
     num_beams: int = 1
@@ -175,7 +175,10 @@ class TrainConfig:
     # (121.6 -> 82.3 for no_retention at 600 steps): same-length captions there are mostly the same sound, so the
     # batches stop being a fair sample of the data.
     length_grouping: bool = False
-    resume: str | None = None  # "auto" (latest in output dir) or a run directory
+    resume: str | None = None  # "auto" (the newest unfinished run of the variant) or a run directory
+    override_on_resume: list[str] | None = None  # settings a resume may change (max_steps, eval_every, ...)
+    re_eval: bool = False  # resuming a completed run: evaluate its last checkpoint again instead of stopping
+    save_every_minutes: float | None = 30.0  # also checkpoint when this much wall time passed since the last one
     progress: bool = True
     tensorboard: bool | None = None  # None: on when the tensorboard package is installed
     wandb_project: str | None = None
@@ -201,6 +204,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explicit: list[str] = field(default_factory=list, repr=False, compare=False,
+                                metadata={"not_a_setting": True})  # the keys a file or flag set
+
+    def to_dict(self) -> dict:
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+
+    def value(self, key: str):
+        return getattr(getattr(self, field_index()[key]), key)
 
     def validate(self) -> "RunConfig":
         for part in (self.data, self.model, self.retention, self.train):
@@ -209,9 +220,6 @@ class RunConfig:
                 raise SafeError(f"Bad setting{'s' if len(bad) > 1 else ''}: {' '.join(bad)}")
             part.validate()
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -281,7 +289,10 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(yaml_values: dict | None = None, cli_values: dict | None = None) -> RunConfig:
-    """Defaults < variant defaults < YAML file < command-line flags, then validated."""
+    """Defaults < variant defaults < YAML file < command-line flags, then validated.
+
+    The returned config remembers which settings the file and the flags gave (``config.explicit``): a resumed run
+    takes every setting from its own config.json, and refuses a given one that differs."""
     config = RunConfig()
     yaml_values = yaml_values or {}
     cli_values = {k: v for k, v in (cli_values or {}).items() if v is not None}
@@ -293,4 +304,6 @@ def build_config(yaml_values: dict | None = None, cli_values: dict | None = None
     apply_variant_defaults(config, explicit=set(flat_yaml) | set(cli_values))
     apply_overrides(config, flat_yaml, source="the config file")
     apply_overrides(config, cli_values, source="the command line")
-    return config.validate()
+    config.validate()
+    config.explicit = sorted({KEY_ALIASES.get(k, k) for k in (*flat_yaml, *cli_values)})
+    return config

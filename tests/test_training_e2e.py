@@ -41,7 +41,8 @@ def safe_cli(*args, **kwargs):
 def finished_run(toy_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     result = Trainer(config(toy_world, out, variant="full_retention", max_steps=4, eval_every=2,
-                            fisher_refresh=2, null_space_refresh=2)).fit()
+                            fisher_refresh=2, null_space_refresh=2, fisher_samples=4, null_space_samples=8,
+                            protect_from_gate=0.0)).fit()
     return Path(result["run_dir"]), result
 
 
@@ -91,7 +92,9 @@ def _weights(trainer):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(toy_world, tmp_path):
-    settings = dict(variant="full_retention", max_steps=5, fisher_refresh=2, null_space_refresh=3)
+    # protect_from_gate 0: the Fisher and the null space start at once, so their state goes through the checkpoint
+    settings = dict(variant="full_retention", max_steps=5, fisher_refresh=2, null_space_refresh=3, fisher_samples=4,
+                    null_space_samples=8, protect_from_gate=0.0)
     straight = Trainer(config(toy_world, tmp_path / "a", **settings))
     straight.fit()
     expected = _weights(straight)
@@ -101,6 +104,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(toy_world, tmp_path):
         first.train_step()
     first.save()
     first._set_state("interrupted")
+    first._close()  # what the process's exit does: its run lock goes
     resumed = Trainer(config(toy_world, tmp_path / "b", resume=str(first.run_dir), **settings))
     assert resumed.step == 3
     resumed.fit()

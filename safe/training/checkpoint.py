@@ -29,6 +29,7 @@ import torch
 
 from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
 from safe.errors import SafeError
+from safe.training import faults
 from safe.files import atomic_write
 from safe.training.outputs import write_json_atomic
 
@@ -88,6 +89,7 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, meta: 
     try:
         tmp.mkdir()
         model.save_trainable(tmp)
+        faults.reached("checkpoint")  # the crash tests kill the process here: half a checkpoint on disk
         atomic_write(tmp / STATE_FILE, lambda path: _torch_save(state, path), needed)
         write_json_atomic(tmp / "meta.json", {"step": step, **meta})
     except BaseException as exc:

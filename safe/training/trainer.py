@@ -11,6 +11,7 @@ train_log.jsonl, checkpoints (atomic, resumable) and plots.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import signal
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from safe.config import RunConfig
+from safe.config import RunConfig, field_index
 from safe.errors import SafeError
 from safe.eval.evaluator import Evaluator, distractor_features
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -32,6 +33,8 @@ from safe.training.distributed import (DistInfo, all_true, any_true, average_gra
 from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic
 from safe.training.plots import write_plots
+from safe.training import faults
+from safe.training.run_lock import RunLock
 from safe.training.tracking import make_sinks
 from safe.training.schedule import warmup_cosine
 from safe.retention import build_retention
@@ -41,14 +44,15 @@ AUDIO_STREAM, VL_STREAM = 0, 1
 
 
 class StopRequested:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+    """SIGTERM, SIGUSR1 and a first Ctrl-C set a flag: the loop checkpoints at the next step boundary and exits
+    cleanly. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals stay with the caller
@@ -57,36 +61,79 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # the second Ctrl-C interrupts at once
+            print("\nCtrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to stop at once).",
+                  flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+class ResumeRefused(SafeError):
+    """A resume asked for something the saved run cannot give; the run itself is left as it was."""
+
+
+# Settings a resumed run may change (`--override-on-resume KEY`): how long and how often, not what is trained.
+RESUMABLE = {"max_steps", "num_epochs", "eval_every", "save_every", "save_every_minutes", "log_every", "progress",
+             "num_workers", "feature_cache_memory_mb", "tensorboard", "wandb_project"}
+# Keys of a resume command itself, never compared with the saved run.
+RESUME_KEYS = {"resume", "override_on_resume", "re_eval", "output_root"}
+
+
+def run_state(run_dir: Path) -> str | None:
+    path = run_dir / "run_state.json"
+    try:
+        return json.loads(path.read_text()).get("state") if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _run_variant(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "config.json").read_text())["config"]["train"]["variant"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resolve_run_dir(config: RunConfig) -> tuple[Path, bool]:
-    """A new run folder, or the folder to resume (`--resume auto`: the newest unfinished one of this variant)."""
+    """A new run folder, or the folder to resume. `--resume auto` takes the newest unfinished run of this variant
+    under the output root, whatever its folder is called (found by its config.json and run_state.json)."""
     resume = config.train.resume
     if resume is None:
         return new_run_dir(config.train.output_root, config.train.variant, config.train.run_name), False
     if resume != "auto":
         path = Path(resume)
+        if not (path / "config.json").is_file():
+            raise SafeError(f"Cannot resume {path}: it is not a run folder (no config.json); pass the folder of a run.")
         if latest_checkpoint(path) is None:
             raise SafeError(f"Cannot resume {path}: it holds no checkpoint; start a new run without --resume.")
         return path, True
     root = Path(config.train.output_root)
-    candidates = sorted(
-        (p for p in root.glob(f"*_{config.train.variant}*") if p.is_dir() and latest_checkpoint(p) is not None),
-        key=lambda p: p.name,
-    )
-    unfinished = [p for p in candidates if _state(p) != "completed"]
-    if unfinished:
-        return unfinished[-1], True
+    runs = [p for p in (root.iterdir() if root.is_dir() else ())
+            if p.is_dir() and _run_variant(p) == config.train.variant and run_state(p) != "completed"
+            and latest_checkpoint(p) is not None]
+    if runs:
+        return max(runs, key=lambda p: (p.stat().st_mtime, p.name)), True
     return new_run_dir(root, config.train.variant, config.train.run_name), False
 
 
-def _state(run_dir: Path) -> str | None:
-    path = run_dir / "run_state.json"
-    return json.loads(path.read_text()).get("state") if path.exists() else None
+def manifest_digests(data_root, data) -> dict[str, dict]:
+    """Size and sha256 of every manifest the run reads, by path relative to the data root: what a resume on
+    another data root (e.g. data staged to node-local scratch) must find unchanged."""
+    root = Path(data_root)
+    paths = {d.manifest_path for d in (*getattr(data.audio_train, "datasets", [data.audio_train]), data.audio_val,
+                                       data.vqa_train, data.vqa_val) if d is not None}
+    out = {}
+    for path in sorted(paths):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        out[str(Path(path).resolve().relative_to(root.resolve()))] = {"size": Path(path).stat().st_size,
+                                                                      "sha256": digest.hexdigest()}
+    return out
 
 
 class Trainer:
@@ -97,32 +144,103 @@ class Trainer:
             dist_info, device = init_distributed()
         self.dist, self.device, self.is_main = dist_info, device, dist_info.is_main
         self.config = config
-        self._setup_run_dir()
-        self._setup_data()
-        self._setup_model()
-        self._setup_optimizer()
-        self._setup_retention()
-        self._setup_outputs()
-        if self.resuming:
-            self._restore()
+        self.lock: RunLock | None = None
+        try:
+            self._setup_run_dir()
+        except BaseException:
+            self._close()   # a refused resume leaves the run as it was
+            raise
+        try:
+            self._setup_data()
+            self._check_resumed_data()
+            self._setup_model()
+            faults.reached("model")
+            self._setup_optimizer()
+            self._setup_retention()
+            self._setup_outputs()
+            if self.resuming:
+                self._restore()
+            if self.previous_state != "completed":
+                self._set_state("running")
+        except ResumeRefused:
+            self._close()
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     # ------------------------------------------------------------------------------------- set-up
 
     def _setup_run_dir(self) -> None:
-        """The run folder (rank 0 picks and creates it; the others follow), config.json written at start."""
+        """The run folder (rank 0 picks, creates and locks it; the others follow), config.json written at start.
+        A resumed run is the saved run: its settings come from its config.json."""
         located = resolve_run_dir(self.config) if self.is_main else None
         run_dir, self.resuming = broadcast_object(located and (str(located[0]), located[1]), self.dist)
         self.run_dir = Path(run_dir)
+        if self.is_main:
+            self.lock = RunLock(self.run_dir).acquire()
+        self.overridden: dict = {}
+        self.previous_state = run_state(self.run_dir) if self.resuming else None
         if self.resuming:
-            saved = json.loads((self.run_dir / "config.json").read_text())["config"]
-            saved["train"]["resume"] = self.config.train.resume
-            self.config = RunConfig.from_dict(saved).validate()
+            self.config = self._saved_config()
         elif self.is_main:
             write_json_atomic(self.run_dir / "config.json", {
                 "config": self.config.to_dict(), "environment": environment(),
                 "distributed": {"world_size": self.dist.world_size,
                                 "global_batch_size": self.global_batch_size(self.config)}})
-        self._set_state("running")
+
+    def _saved_config(self) -> RunConfig:
+        """The run's own configuration; a setting given now that differs from it is an error, except those listed
+        in --override-on-resume that may change safely (how long, how often), and a data root holding the same
+        manifests (checked once the data are open)."""
+        given = self.config
+        saved = RunConfig.from_dict(json.loads((self.run_dir / "config.json").read_text())["config"])
+        allowed = set(given.train.override_on_resume or ())
+        refused = sorted(allowed - RESUMABLE)
+        if refused:
+            raise ResumeRefused(f"--override-on-resume {' '.join(refused)}: only {', '.join(sorted(RESUMABLE))} may change "
+                            "when a run resumes; start a new run to change the others.")
+        self.requested_data_root = None
+        for key in given.explicit:
+            if key in RESUME_KEYS:
+                continue
+            mine, theirs = given.value(key), saved.value(key)
+            if mine == theirs:
+                continue
+            if key == "data_root":
+                self.requested_data_root = mine
+            elif key in allowed:
+                self.overridden[key] = {"saved": theirs, "now": mine}
+                setattr(getattr(saved, field_index()[key]), key, mine)
+            else:
+                flag = "--" + key.replace("_", "-")
+                hint = f", or pass --override-on-resume {key} to change it" if key in RESUMABLE else ""
+                raise ResumeRefused(f"{flag} is {mine!r} but {self.run_dir} was started with {theirs!r}; a resumed run "
+                                f"keeps its settings, so leave {flag} out{hint}.")
+        for key in ("resume", "override_on_resume", "re_eval"):
+            setattr(saved.train, key, getattr(given.train, key))
+        saved.train.output_root = str(self.run_dir.parent)
+        return saved.validate()
+
+    def _check_resumed_data(self) -> None:
+        """A resumed run reads its own data root, or another one that holds the very same manifests (re-staged)."""
+        digests = manifest_digests(self.config.data.data_root, self.data)
+        if not self.resuming:
+            if self.is_main:
+                path = self.run_dir / "config.json"
+                write_json_atomic(path, {**json.loads(path.read_text()), "data_manifests": digests})
+            return
+        if getattr(self, "requested_data_root", None) is None:
+            return
+        recorded = json.loads((self.run_dir / "config.json").read_text()).get("data_manifests")
+        original = self.config.data.data_root
+        self.config.data.data_root = self.requested_data_root
+        self._setup_data()
+        moved = manifest_digests(self.requested_data_root, self.data)
+        if recorded is None or moved != recorded:
+            raise ResumeRefused(f"--data-root {self.requested_data_root} does not hold the manifests {self.run_dir} was "
+                            f"started with (from {original}); resume with the run's own data root, or a copy of it.")
+        self.overridden["data_root"] = {"saved": original, "now": self.requested_data_root}
 
     def _setup_data(self) -> None:
         """Every manifest opened and checked before any model is loaded."""
@@ -180,6 +298,7 @@ class Trainer:
     def _setup_outputs(self) -> None:
         train = self.config.train
         self.step = 0
+        self.saved_step, self.saved_at = -1, time.monotonic()
         self.history: list[dict] = []
         self.counters = {"nonfinite_skipped_steps": 0, "consecutive_nonfinite": 0, "skipped_samples": 0,
                          "audio_samples": 0, "train_seconds": 0.0}
@@ -221,6 +340,7 @@ class Trainer:
             "vl_stream": self.vl_stream.state() if self.vl_stream else None,
             "retention": self.retention.state_dict() if self.retention else None,
             "counters": json.dumps(self.counters),
+            "history": json.dumps(self.history),  # evaluations are recorded with their checkpoint
         }
 
     def save(self) -> None:
@@ -230,6 +350,7 @@ class Trainer:
                     "world_size": self.dist.world_size}
             save_checkpoint(self.run_dir, self.step, self.model, self._trainer_state(), meta)
         barrier(self.dist)
+        self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.run_dir)
@@ -244,10 +365,12 @@ class Trainer:
             self.retention.load_state_dict(state["retention"])
         self.counters = json.loads(state["counters"])
         set_rng_state(state["rng"])
-        metrics_path = self.run_dir / "metrics.json"
-        if metrics_path.exists():
-            self.history = json.loads(metrics_path.read_text()).get("history", [])
-        self.logger.log({"event": "resumed", "step": self.step, "checkpoint": path.name})
+        # The checkpoint's own history: an evaluation written to metrics.json after it (a crash in between) is
+        # repeated, not duplicated (evaluate() keeps one entry per step).
+        self.history = json.loads(state.get("history", "[]"))
+        self.saved_step = self.step
+        self.logger.log({"event": "resumed", "step": self.step, "checkpoint": path.name,
+                         "overridden": self.overridden})
 
     # ------------------------------------------------------------------------------------ batches
 
@@ -330,14 +453,21 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- run
 
     def evaluate(self) -> dict:
-        metrics = self.evaluator.run(self.step)
-        self.history.append(metrics)
+        """One evaluation, recorded once per step; a failure is one sentence, and the checkpoint of this step
+        (always saved before an evaluation) is kept for --resume to evaluate again."""
+        try:
+            metrics = self.evaluator.run(self.step)
+            faults.reached("eval")
+        except SafeError:
+            raise
+        except Exception as exc:
+            raise SafeError(f"The evaluation at step {self.step} failed ({type(exc).__name__}: {exc}); the checkpoint "
+                            f"of step {self.step} is kept, so fix the cause and resume with `safe train --resume "
+                            f"{self.run_dir}` to evaluate it again.") from exc
+        self.history = [h for h in self.history if h.get("step") != self.step] + [metrics]
         self.logger.log({"event": "eval", **metrics})
-        # Flat keys (wavcaps_realised, ...) so the trackers plot the realised mix as well.
-        self.logger.log({"event": "source_mix", "step": self.step, **{
-            f"{name}_{key}": value for name, figures in self.audio_stream.source_mix().items()
-            for key, value in figures.items()}})
         self.write_metrics()
+        faults.reached("metrics")
         return metrics
 
     def write_metrics(self, status: str = "running") -> None:
@@ -361,10 +491,43 @@ class Trainer:
                            "seconds_per_step": seconds / max(self.step, 1)},
         })
 
+    def _evaluated(self, step: int) -> bool:
+        return any(h.get("step") == step for h in self.history)
+
     def fit(self) -> dict:
         train = self.config.train
-        eval_every = train.eval_every
-        save_every = train.save_every
+        if self.previous_state == "completed" and not train.re_eval:
+            print(f"{self.run_dir} is already completed (step {self.step}); nothing to do (--re-eval evaluates its "
+                  "last checkpoint again).")
+            self._close()
+            return self._result("completed")
+        try:
+            status = self._loop()
+            if status == "completed":
+                if self.saved_step != self.step:
+                    self.save()                  # the final checkpoint first: a failed evaluation loses nothing
+                if train.re_eval or not self._evaluated(self.step):
+                    self.evaluate()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self.write_metrics(status)
+        if self.is_main:
+            write_plots(self.run_dir)
+        self._set_state(status, step=self.step)
+        self._close()
+        return self._result(status)
+
+    def _loop(self) -> str:
+        """Optimizer steps until the end or a stop signal; checkpoints by steps, by wall time and before each
+        evaluation. Returns "completed" or "interrupted"."""
+        train = self.config.train
+        eval_every, save_every = train.eval_every, train.save_every
+        # A resumed run whose last checkpoint is an evaluation step the history lacks (killed during or right
+        # after that evaluation) evaluates it first.
+        if self.resuming and eval_every and 0 < self.step < self.total_steps and self.step % eval_every == 0 \
+                and not self._evaluated(self.step):
+            self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=train.variant,
                    disable=not (train.progress and self.is_main), dynamic_ncols=True)
         status = "completed"
@@ -372,6 +535,7 @@ class Trainer:
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 record = self.train_step()
+                faults.reached("step")
                 elapsed = time.perf_counter() - started
                 self.counters["train_seconds"] += elapsed
                 if self.step % train.log_every == 0 or self.step == 1:
@@ -380,31 +544,51 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['caption_loss']:.3f}", kl=f"{record['kl_loss']:.3f}",
                                 lr=f"{record['lr_projector']:.1e}",
                                 sps=f"{train.train_batch_size * train.gradient_accumulation_steps / elapsed:.1f}")
-                last = self.step >= self.total_steps
-                evaluated = False
-                if eval_every and self.step % eval_every == 0 and not last:
+                if self.step >= self.total_steps:
+                    break
+                evaluate = bool(eval_every) and self.step % eval_every == 0
+                minutes = train.save_every_minutes
+                due = (save_every and self.step % save_every == 0) or \
+                    (minutes and time.monotonic() - self.saved_at >= 60 * minutes)
+                if evaluate or any_true(bool(due), self.dist):
+                    self.save()
+                if evaluate:
                     self.evaluate()
-                    evaluated = True
-                if (save_every and self.step % save_every == 0) or evaluated:
-                    self.save()
-                if any_true(stop.signal is not None, self.dist) and not last:
-                    self.save()
+                if any_true(stop.signal is not None, self.dist):
+                    if self.saved_step != self.step:
+                        self.save()
                     status = "interrupted"
+                    name = signal.Signals(stop.signal).name if stop.signal else "a signal"
                     self.logger.log({"event": "interrupted", "signal": stop.signal, "step": self.step})
-                    bar.write(f"stopped by a signal at step {self.step}; checkpoint saved in {self.run_dir}")
+                    bar.write(f"stopped by {name} at step {self.step}; checkpoint saved. Continue with: "
+                              f"safe train --resume {self.run_dir}")
                     break
         bar.close()
-        for stream in (self.audio_stream, self.vl_stream):  # stop the persistent loader workers
+        return status
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record why the run stopped: `failed` with the error in one sentence (interrupted for a second Ctrl-C)."""
+        if isinstance(exc, KeyboardInterrupt):
+            self._set_state("interrupted", step=getattr(self, "step", 0), error="stopped at once by a second Ctrl-C; "
+                            "the last checkpoint is kept")
+        else:
+            message = str(exc) if isinstance(exc, SafeError) else f"{type(exc).__name__}: {exc}"
+            self._set_state("failed", step=getattr(self, "step", 0), error=" ".join(message.split()))
+        if hasattr(self, "logger"):
+            self.write_metrics("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+        self._close()
+
+    def _close(self) -> None:
+        for stream in (getattr(self, "audio_stream", None), getattr(self, "vl_stream", None)):
             if stream is not None:
-                stream.close()
-        if status == "completed":
-            self.evaluate()
-            self.save()
-        self.write_metrics(status)
-        if self.is_main:
-            write_plots(self.run_dir)
-        self._set_state(status, step=self.step)
-        self.logger.close()
+                stream.close()    # stop the persistent loader workers
+        if hasattr(self, "logger"):
+            self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _result(self, status: str) -> dict:
         return {"run_dir": str(self.run_dir), "status": status, "step": self.step,
                 "validation": self.history[-1] if self.history else {}}
 

@@ -1,1 +1,1 @@
-"""Seed entry points of the user's workflow (DESIGN §1); thin wrappers over the `safe` package."""
+"""Seed entry points of the user's workflow (README, "The workflow on real data"); thin wrappers over the `safe` package."""

@@ -1,4 +1,4 @@
-"""Run configuration: dataclasses with validation, retention variants, YAML + CLI overrides (DESIGN §5, §7, §8).
+"""Run configuration: dataclasses with validation, retention variants, YAML + CLI overrides.
 
 `RunConfig` is what `config.json` records: every field, resolved, so two runs compare field by field.
 """
@@ -19,7 +19,7 @@ from safe.errors import SafeError
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
 DEFAULT_OUTPUT_ROOT = "experiments/full_training/runs"
 
-# Which retention mechanisms each variant switches on (DESIGN §5). Weights are defaults, overridable.
+# Which retention mechanisms each variant switches on (docs/design.md, "Retention"). Weights are defaults, overridable.
 VARIANTS: dict[str, dict[str, Any]] = {
     "no_retention": {"use_vl": False, "kl_weight": 0.0, "fisher_weight": 0.0, "null_space_rank": 0},
     "soft_retention": {"use_vl": True, "kl_weight": 1.0, "fisher_weight": 0.0, "null_space_rank": 0},
@@ -37,7 +37,7 @@ def check_variant(name: str) -> str:
 
 
 def canonical_preset(name: str) -> str:
-    """The preset's canonical name; the user's earlier names `full` and `demo` keep working (DESIGN §8)."""
+    """The preset's canonical name; the user's earlier names `full` and `demo` keep working."""
     from safe.models.presets import get_preset
 
     return get_preset(name).name

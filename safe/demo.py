@@ -2,7 +2,7 @@
 
 1. synthesise the medium toy world (deterministic; reused when present),
 2. build or reuse the cached tiny base (trained once, then frozen),
-3. train `no_retention` and `soft_retention` one after another,
+3. train the five retention variants one after another,
 4. print the comparison table (also written as markdown, CSV and PNG).
 """
 
@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from safe.cli import main as safe_main
+from safe.config import VARIANTS
 from safe.data.synth import synthesize_toy_world
 
 DEMO_DIR = Path("demo_out")
-# Settings measured to show the DESIGN §9 phenomena within the time budget (see README's table).
+# Settings measured to show the toy world's phenomena (docs/design.md, "The toy world") within the time budget (see README's table).
 DEMO_FLAGS = [
     "--model-config", "tiny",
     "--max-steps", "600",
@@ -30,7 +31,6 @@ DEMO_FLAGS = [
     "--max-audio-eval-samples", "100",
     "--max-vl-eval-samples", "300",
     "--generation-max-new-tokens", "16",
-    "--eval-every", "300",
 ]
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="no_retention,soft_retention")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args, extra = parser.parse_known_args(argv)
     started = time.perf_counter()
     data_root = args.out / "data"

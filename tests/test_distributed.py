@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (gloo) on the toy world: DESIGN §11 acceptance."""
+"""torchrun with 2 CPU processes (gloo) on the toy world: identical to one process, world-size independent."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Each retention mechanism shows its effect on a small problem (DESIGN §5)."""
+"""Each retention mechanism shows its effect on a small problem."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""The toy world generator writes real, deterministic, balanced and learnable data (DESIGN §3, §9)."""
+"""The toy world generator writes real, deterministic, balanced and learnable data."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_layout_and_metadata(world):
     assert counts["wavcaps_clips"] == SMALL["wavcaps"]
     assert counts["vqa_train_questions"] == SMALL["vqa_train"] and counts["vqa_val_questions"] == SMALL["vqa_val"]
     assert counts["audiocaps_train_rows"] == len(read(world / "audiocaps/audiocaps_train.jsonl"))
-    # Every media path in every manifest exists, relative to its manifest's folder (DESIGN §3 path rule).
+    # Every media path in every manifest exists, relative to its manifest's folder (the path rule).
     for folder, row in audio_rows(world):
         assert (folder / row["audio_path"]).is_file()
         assert not Path(row["audio_path"]).is_absolute() and ".." not in row["audio_path"]

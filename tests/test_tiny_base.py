@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +15,20 @@ from safe.models.factory import build_safe_model
 from safe.models.presets import get_preset
 from safe.models.tiny_base import cache_key, ensure_tiny_base
 
-QUICK = {"world_size": "small", "vision_steps": 10, "align_steps": 10, "llm_steps": 10}
+QUICK = {"world_size": "small", "vision_steps": 10, "llm_steps": 10, "warmup": 2}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_tiny_base_is_built_once_then_loaded_from_cache(tmp_path):
     started = time.perf_counter()
+    stale = tmp_path / f".{cache_key(0, QUICK)}.tmp-killed"                 # left by a killed build
+    (stale / "half").mkdir(parents=True)
     first = ensure_tiny_base(seed=0, cache_dir=tmp_path, overrides=QUICK, log=lambda *_: None)
     build_seconds = time.perf_counter() - started
     assert first.name == cache_key(0, QUICK) and first.parent == tmp_path
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]            # no temporary folder left behind
+    # No temporary folder left behind, the stale one removed; only the entry and its lock file remain.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, f".{first.name}.lock"])
     for name in ("config.json", "model.safetensors", "tiny_base.json", "processor_config.json",
                  "audio_encoder/config.json", "audio_encoder/model.safetensors"):
         assert (first / name).is_file(), name
@@ -43,9 +50,40 @@ def test_tiny_base_is_built_once_then_loaded_from_cache(tmp_path):
 
 @pytest.mark.slow
 def test_default_tiny_base_answers_toy_vqa():
-    """The real default build (medium toy world, the same cache entry every other test uses): >= 0.85 official
-    VQA accuracy on its val split."""
+    """The real default build (medium toy world, the same cache entry every other test uses): >= 95 % official VQA
+    accuracy on its val split. The bar sits 2.8 points under this machine's build (97.8 %) and under every one of
+    the other model seeds measured with this recipe (95.3-99.7 % at 1100 steps, 98.4 % for the weakest at the
+    1400 used here): another CPU's float rounding moves a build about as far as another seed does."""
     path = ensure_tiny_base(seed=0)
     info = json.loads((path / "tiny_base.json").read_text())
-    assert info["vqa_val_questions"] >= 300
-    assert info["vqa_val_accuracy"] >= 0.85, info
+    assert info["vqa_val_questions"] >= 300 and info["threads"] == 1
+    assert len(info["weights_sha256"]) == 64
+    assert info["vqa_val_accuracy"] >= 0.95, info
+
+
+BUILD = """
+import json, sys, tempfile, torch
+from pathlib import Path
+from safe.models.tiny_base import build_tiny_base
+torch.set_num_threads(int(sys.argv[1]))
+info = build_tiny_base(Path(tempfile.mkdtemp()), seed=0, log=lambda *_: None,
+                       overrides={"world_size": "small", "vision_steps": 20, "llm_steps": 30, "warmup": 5})
+print(json.dumps({"sha": info["weights_sha256"], "threads": torch.get_num_threads()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_build_gives_the_same_weights_whatever_the_callers_thread_settings():
+    """Two builds, the caller on 1 and on 2 intra-op threads (and OMP_NUM_THREADS to match): the same weight digest.
+    (Measured: a build that ran on 2 threads itself gave other weights, so the fixed count is what makes this.)"""
+    digests = []
+    for threads in (1, 2):
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+               "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-c", BUILD, str(threads)], capture_output=True, text=True, cwd=REPO,
+                              env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["threads"] == threads                      # the caller's setting is restored after the build
+        digests.append(result["sha"])
+    assert digests[0] == digests[1]

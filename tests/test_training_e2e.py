@@ -1,4 +1,4 @@
-"""End-to-end Stage A on the small toy world with the tiny preset (DESIGN §5-§7)."""
+"""End-to-end Stage A on the small toy world with the tiny preset: training, retention, run outputs."""
 
 import json
 import signal

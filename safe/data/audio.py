@@ -1,4 +1,4 @@
-"""Audio loading: soundfile decode -> mono -> soxr resample -> crop/zero-pad to a fixed clip (DESIGN §3).
+"""Audio loading: soundfile decode -> mono -> soxr resample -> crop/zero-pad to a fixed clip.
 
 Only the needed window is read from disk (seek + read), so a long recording costs one clip of decode.
 A file that cannot give real samples raises AudioLoadError; it is never replaced by silence.
@@ -86,7 +86,7 @@ def window_starts(frames: int, window: int) -> list[int]:
     half-overlapping windows (at most MAX_WINDOWS) from the start to the very end.
 
     A fixed set instead of any offset keeps random-crop augmentation while making every crop cacheable
-    (DESIGN §10): the frozen encoder's output for (clip, window) never changes.
+    (the feature cache relies on it): the frozen encoder's output for (clip, window) never changes.
     """
     if frames <= window:
         return [0]

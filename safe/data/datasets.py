@@ -1,4 +1,4 @@
-"""Map-style datasets over the JSONL manifests of DESIGN §3, and the collate that batches them.
+"""Map-style datasets over the JSONL manifests (README, "Data layout"), and the collate that batches them.
 
 Rows are held as a small index (dicts); media are decoded on access. A sample whose media cannot be read is
 returned as a `{"kind": "bad", ...}` record (or raises, with on_bad_sample="error"); the collate drops it and
@@ -174,7 +174,7 @@ class ClothoDataset(AudioCapsDataset):
 
 
 class WavCapsDataset(_AudioDataset):
-    """WavCaps training rows; `ratio` keeps a fixed, seeded fraction of them (DESIGN §3)."""
+    """WavCaps training rows; `ratio` keeps a fixed, seeded fraction of them (what --wavcaps-ratio means)."""
 
     dataset_name = "wavcaps"
     row_kind = "wavcaps"

@@ -1,4 +1,4 @@
-"""`safe data download` / `python -m experiments.full_training.download_data`: stage datasets (DESIGN §1, §3).
+"""`safe data download` / `python -m experiments.full_training.download_data`: stage datasets in the README's data layout.
 
 Every URL (http, https, file, or a local path) is fetched into `<destination>/.safe-downloads/<dataset>/`
 as `<name>.part`, resumed with an HTTP Range request after a dropped connection, retried with bounded

@@ -1,4 +1,4 @@
-"""JSONL manifests: reading with file:line errors, schema checks, and the one media path resolver (DESIGN §3)."""
+"""JSONL manifests: reading with file:line errors, schema checks, and the one media path resolver."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def resolve_media_path(
     data_root: str | Path | None = None,
     allow_outside: bool = False,
 ) -> Path:
-    """Resolve a manifest's media path by the one rule of DESIGN §3.
+    """Resolve a manifest's media path by the one rule every tool uses.
 
     A relative path is taken against the manifest's folder; if nothing exists there but the path exists
     relative to the data root (files written by older tools), that one is used. Absolute paths and paths that

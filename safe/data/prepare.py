@@ -1,4 +1,4 @@
-"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of DESIGN §3.
+"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of the README's data layout.
 
 - audiocaps: the CSVs (`audiocap_id,youtube_id,start_time,caption`) plus a folder of audio named
   `<yid>.*`, `Y<yid>.*` or `<yid>_<start>...`; full videos are cut to [start, start + 10 s] as FLAC.

@@ -1,6 +1,6 @@
-"""Deterministic toy world (DESIGN §9): synthetic sounds with templated captions, and coloured-shape VQA.
+"""Deterministic toy world (docs/design.md, "The toy world"): synthetic sounds with templated captions, and coloured-shape VQA.
 
-`safe data synth --out DIR [--seed S] [--size small|medium]` writes the DESIGN §3 layout:
+`safe data synth --out DIR [--seed S] [--size small|medium]` writes the README's data layout:
 
     <out>/audiocaps/audiocaps_{train,val,test}.jsonl + audio/{train,val,test}/ac_*.{wav,flac,ogg}
     <out>/wavcaps/wavcaps_train.jsonl + audio/<Subset>/<nested>/*.{wav,flac}
@@ -584,6 +584,18 @@ def _draw_image(path: Path, rng: np.random.Generator) -> list[dict]:
     return objects
 
 
+QUESTION_TYPES = ("color", "shape", "yesno", "count")
+
+
+def ask_question(objects: list[dict], rng: np.random.Generator) -> tuple[str, str]:
+    """A fresh (question, answer) about an image's ``objects``, the types drawn uniformly, by the world's own rules
+    (the tiny base trains on such questions about its training images besides the world's fixed ones)."""
+    while True:
+        made = _question(QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], objects, rng)
+        if made is not None:
+            return made[0], made[1]
+
+
 def _question(qtype: str, objects: list[dict], rng: np.random.Generator) -> tuple[str, str, str, str] | None:
     """(question, answer, answer_type, question_type) of one type about `objects`, or None if it doesn't fit."""
     shapes = Counter(o["shape"] for o in objects)
@@ -649,7 +661,7 @@ def _answers(answer: str, answer_type: str, objects: list[dict], rng: np.random.
 def _write_vqa(root: Path, seed: int, counts: dict, labels: dict) -> dict[str, int]:
     folder = root / "vqa"
     summary = {}
-    qtypes = ("color", "shape", "yesno", "count")
+    qtypes = QUESTION_TYPES
     for split, image_base in (("train", 1), ("val", 500001)):
         key = f"vqa_{split}"
         rows = []

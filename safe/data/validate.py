@@ -274,7 +274,7 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", required=True, help="the data root (DESIGN §3 layout)")
+    parser.add_argument("--data-root", required=True, help="the data root (the README's data layout)")
     parser.add_argument("--blacklist", help="ids/YouTube ids WavCaps must not contain (text, JSON list, or "
                         "WavCaps' blacklist JSON)")
     parser.add_argument("--sample", type=int, default=16, help="media files decoded per manifest (default 16)")

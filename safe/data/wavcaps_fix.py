@@ -5,7 +5,7 @@ or symlinked to other disks, and old manifests carry absolute paths from another
 audio tree once (following symlinked folders, each real folder visited once, so cycles end), indexes files
 by stem and subset folder, matches each row by stem inside its own subset (so `FreeSound/1.flac` and
 `SoundBible/1.flac` stay apart), and rewrites `audio_path` relative to the manifest's folder: the one
-resolver rule of DESIGN §3, so the loader then finds every file.
+resolver rule (safe.data.manifest.resolve_media_path), so the loader then finds every file.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class TinyConvEncoder(FrozenAudioEncoder):
     """A random, frozen 3-layer Conv1d over a 64-bin log-mel spectrogram (the tiny preset's encoder).
 
     Random convolutions over log-mel keep pitch, rhythm and loudness patterns apart well enough for
-    the toy world (DESIGN §9 measured it stronger than a tiny random CLAP). Weights come from
+    the toy world (a prototype measured it stronger than a tiny random CLAP). Weights come from
     ``seed`` alone, so the encoder is reproducible; the tiny base cache also stores them.
     """
 
@@ -131,7 +131,7 @@ class TinyConvEncoder(FrozenAudioEncoder):
 
 class ClapEncoder(FrozenAudioEncoder):
     """CLAP (HTS-AT) audio tower. ``features="patch"``: the final patch grid as a sequence
-    [B, F*T, 768]; ``"pooled"``: one vector per clip [B, 1, 768] (DESIGN §9: too little on its own)."""
+    [B, F*T, 768]; ``"pooled"``: one vector per clip [B, 1, 768] (measured on the toy world: too little on its own)."""
 
     def __init__(self, model, feature_extractor, name: str, features: str = "patch", clip_seconds: float = 10.0):
         super().__init__()

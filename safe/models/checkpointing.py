@@ -1,4 +1,4 @@
-"""Activation checkpointing of the frozen decoder layers (DESIGN §10), for long sequences or big batches.
+"""Activation checkpointing of the frozen decoder layers, for long sequences or big batches.
 
 The gradient of the audio path flows back through every decoder layer above the first adapter, so a training
 step stores those layers' activations. With checkpointing on, each decoder layer's forward runs under

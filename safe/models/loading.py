@@ -90,5 +90,5 @@ def load_model(cls, name: str, *, what: str, flag: str, dtype=None, device=None)
 
 
 def default_dtype(device: torch.device | str | None) -> torch.dtype:
-    """bf16 on GPU (as DESIGN §4 asks), fp32 on CPU where bf16 matmuls are slow and inexact."""
+    """bf16 on GPU (how LLaVA-1.5 runs), fp32 on CPU where bf16 matmuls are slow and inexact."""
     return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32

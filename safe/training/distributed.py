@@ -1,4 +1,4 @@
-"""Multi-process training under `torchrun` (DESIGN §11): process group, gradient averaging, gathering.
+"""Multi-process training under `torchrun`: process group, gradient averaging, gathering.
 
 Why not the `DistributedDataParallel` wrapper: it broadcasts and hooks every parameter of the module it wraps
 (a frozen 7B/13B base included), and our trainable parts run through forward hooks and several passes per step

@@ -1,4 +1,4 @@
-"""Run directory outputs (DESIGN §7): config.json at start, atomic metrics.json, train_log.jsonl, plots."""
+"""Run directory outputs: config.json at start, atomic metrics.json, train_log.jsonl, plots."""
 
 from __future__ import annotations
 

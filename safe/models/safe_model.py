@@ -318,6 +318,19 @@ class SAFEModel(nn.Module):
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1))
         return directory
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A shareable adapter folder (safe.models.pretrained): the trainable weights and the config naming the base
+        and the audio encoder; frozen weights never."""
+        return self.save_trainable(directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, base: str | None = None, **kwargs) -> "SAFEModel":
+        """The model of an adapter folder or hub id, on the base it names, or on ``base`` (refused unless it is the
+        base the adapter was trained on). Keywords: audio_encoder, device, dtype, revision."""
+        from safe.models.pretrained import from_pretrained
+
+        return from_pretrained(source, base=base, **kwargs)
+
     def load_trainable(self, directory: str | Path) -> dict:
         """Load weights written by ``save_trainable``; refuses another base, encoder, fusion or shape."""
         from safetensors.torch import load_file

@@ -30,6 +30,7 @@ COMMANDS = [
     (("data", "validate"), "safe.data.validate", "check a whole data root before training"),
     (("data", "fix-wavcaps"), "safe.data.wavcaps_fix", "repair WavCaps audio paths"),
     (("data", "validate-wavcaps"), "safe.data.wavcaps_validate", "check that every WavCaps row loads"),
+    (("models", "download"), "safe.models.staging", "fetch a preset's base model and audio encoder from the hub"),
     (("metrics", "fetch-spice"), "safe.eval.spice_fetch", "download the Stanford CoreNLP jars SPICE needs"),
 ]
 

@@ -8,9 +8,10 @@ import torch
 
 from safe.errors import SafeError
 from safe.models.audio_encoders import ClapEncoder, FrozenAudioEncoder, TinyConvEncoder, WhisperEncoderWrapper
-from safe.models.loading import default_dtype, load_model, load_pretrained
+from safe.models.loading import default_dtype, load_model, load_pretrained, looks_like_path
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
+from safe.models.staging import require_models
 
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
 KNOWN_BASES = {
@@ -89,7 +90,11 @@ def build_safe_model(preset: ModelPreset, device: str | torch.device | None = No
     """The SAFE model of ``preset`` on ``device`` (frozen parts in ``dtype``: bf16 on GPU, fp32 on CPU)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
+    # Offline, one error names every missing hub model before the first long load (a local base loads first, so a
+    # wrong folder is reported as such).
+    require_models(preset, roles=("base model", "audio encoder") if not looks_like_path(preset.base_model) else ())
     base, processor, name, tiny_dir = load_base(preset, device, dtype, log=log)
+    require_models(preset, roles=("audio encoder",))
     encoder = load_audio_encoder(preset, device, dtype if preset.audio_encoder != "tiny" else None, tiny_dir)
     return SAFEModel(base, processor, encoder, preset, base_name=name)
 
@@ -98,6 +103,7 @@ def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None =
     """The preset's frozen audio encoder alone, loaded exactly as build_safe_model loads it (same weights,
     device and dtype), so features computed with it land on the trainer's feature-cache entries."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    require_models(preset, roles=("audio encoder",))
     tiny_dir = None
     if preset.base_model == "tiny":  # the tiny encoder is saved inside the tiny base's cache entry
         from safe.models.tiny_base import ensure_tiny_base

@@ -108,6 +108,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--wandb-project", help="also log to this Weights & Biases project")
     add("--resume", nargs="?", const="auto",
         help="continue the latest run of this variant under --output-root, or the run folder given")
+    add("--dry-run", action="store_true", help="build the model on the meta device, print parameters, memory, tokens, "
+        "steps and time, check the data, and exit without training")
 
 
 CONTROL_FLAGS = {"config", "command", "subcommand", "_module", "verbose", "dry_run"}
@@ -143,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     _say_preset_defaults(args, config)
+    if args.dry_run:
+        from safe.training.dry_run import dry_run
+
+        return dry_run(config)
     try:
         result = train(config)
     finally:

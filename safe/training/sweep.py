@@ -29,11 +29,18 @@ def run(args: argparse.Namespace) -> int:
         config = train_cli.config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items()
                                                                   if k not in ("variants", "report_dir")}))
         print(f"== {variant} ==", flush=True)
+        if args.dry_run:  # each variant's figures (retention adds VL micro-batches), nothing trained
+            from safe.training.dry_run import dry_run
+
+            dry_run(config)
+            continue
         result = train(config)
         if result["status"] != "completed":
             print(f"{variant} was interrupted at step {result['step']}; resume it with --resume.")
             return 3
         runs.append(Path(result["run_dir"]))
+    if args.dry_run:
+        return 0
     output_root = Path(config.train.output_root)
     report_dir = args.report_dir or output_root / f"sweep_{time.strftime('%Y%m%d_%H%M%S')}"
     report = write_report(runs, report_dir)

@@ -221,8 +221,9 @@ def data_report(config, f: dict, d: dict) -> str:
               f"  caption micro-batch {_gib(d['caption_activations'])} (+ logits {_gib(d['caption_logits'])})"]
     if "vl_row" in d:
         lines.append(f"  VL micro-batch      {_gib(d['vl_activations'])} (+ logits {_gib(d['vl_logits'])})")
-    lines.append(f"  peak per GPU        ~{_gib(d['peak_bytes'])} with the weights, plus the CUDA context (~1 GiB); "
-                 "--activation-checkpointing or a smaller --train-batch-size lowers it")
+    lines.append(f"  peak per GPU        ~{_gib(d['peak_bytes'])} with the weights, plus the CUDA context (~1 GiB)"
+                 + ("" if train.activation_checkpointing else
+                    "; --activation-checkpointing or a smaller --train-batch-size lowers it"))
     if "epoch_seconds" in d:
         gpu = d["gpu"]
         lines.append(f"Time (estimate from {gpu['tokens_per_s']:,.0f} tokens/s measured on {gpu['device']}, "

@@ -14,7 +14,7 @@ from safe.errors import SafeError
 from safe.inference import load_run_model
 from safe.models import SAFEModel
 
-from helpers.local_run import COMMAND, STEP, make_run, save_base
+from helpers.local_run import COMMAND, STEP, make_run, save_base, save_clap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,9 +73,31 @@ def test_save_pretrained_round_trip_and_a_moved_base_is_one_sentence(exported, t
     saved = json.loads((folder / "safe_config.json").read_text())
     saved["preset"]["base_model"] = str(tmp_path / "gone")                 # the adapter travelled, its base did not
     (folder / "safe_config.json").write_text(json.dumps(saved))
-    with pytest.raises(SafeError, match="not on this machine; pass that base") as err:
+    with pytest.raises(SafeError, match="trained with the base model at .*, which is not on this machine") as err:
         SAFEModel.from_pretrained(folder)
-    assert "llava-hf/llava-1.5-7b-hf" in str(err.value) and "\n" not in str(err.value)
+    assert "base='llava-hf/llava-1.5-7b-hf'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_adapter_follows_its_audio_encoder_weights_not_their_folder(tmp_path):
+    clap = save_clap(tmp_path / "clap", seed=0)
+    run, _ = make_run(tmp_path / "trained", audio_encoder=str(clap))
+    original, _ = load_run_model(run, device="cpu")
+    batch = caption_batch(original)
+    with torch.no_grad():
+        expected = original(batch).logits
+    adapter = tmp_path / "adapter"
+    assert safe_cli("export", "--run", run, "--out", adapter).returncode == 0
+    (tmp_path / "elsewhere").mkdir()
+    moved = clap.rename(tmp_path / "elsewhere" / "clap-htsat-unfused")           # the adapter travels, not the path
+    with pytest.raises(SafeError, match="trained with the audio encoder at .*, which is not on this machine") as err:
+        SAFEModel.from_pretrained(adapter, device="cpu")
+    assert "audio_encoder='laion/clap-htsat-unfused'" in str(err.value)
+    loaded = SAFEModel.from_pretrained(adapter, audio_encoder=str(moved), device="cpu")   # same weights, new place
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, expected)
+    other = save_clap(tmp_path / "other-clap", seed=1)
+    with pytest.raises(SafeError, match="was trained with audio encoder"):
+        SAFEModel.from_pretrained(adapter, audio_encoder=str(other), device="cpu")
 
 
 def test_model_card_holds_the_metrics_their_sample_counts_and_the_command(exported):

@@ -16,7 +16,7 @@ import torch
 
 from safe.errors import SafeError
 from safe.models.loading import _offline, looks_like_path
-from safe.models.presets import PRESETS, ModelPreset
+from safe.models.presets import CLAP_DEFAULT, PRESETS, WHISPER_DEFAULT, ModelPreset
 from safe.models.safe_model import CONFIG_FILE, TRAINABLE_FILE
 
 CARD_FILE = "README.md"
@@ -52,15 +52,18 @@ def saved_preset(saved: dict) -> ModelPreset:
     return ModelPreset(name=name, base_model=base).replace(**values)
 
 
-def _check_base_reachable(preset: ModelPreset, folder: Path) -> None:
-    base = preset.base_model
-    if base == "tiny" or not looks_like_path(base) or Path(base).expanduser().exists():
-        return
+def _check_reachable(preset: ModelPreset, folder: Path, base_given: bool, encoder_given: bool) -> None:
+    """A local folder the adapter names but this machine lacks: say which keyword brings it back."""
     hub = PRESETS.get(preset.name)
-    example = f"base='{hub.base_model}' (the {preset.name} preset's hub copy)" if hub and hub.base_model != "tiny" \
-        else "base='PATH'"
-    raise SafeError(f"The adapter in {folder} was trained on the base model at {base}, which is not on this machine; "
-                    f"pass that base from where it is here, e.g. from_pretrained('{folder}', {example}).")
+    checks = [("base model", preset.base_model, "base", hub.base_model if hub else None, base_given),
+              ("audio encoder", preset.audio_encoder_path, "audio_encoder",
+               {"clap": CLAP_DEFAULT, "whisper": WHISPER_DEFAULT}.get(preset.audio_encoder), encoder_given)]
+    for what, path, keyword, hub_copy, given in checks:
+        if given or not path or path == "tiny" or not looks_like_path(path) or Path(path).expanduser().exists():
+            continue
+        example = f"{keyword}='{hub_copy}' (the hub copy)" if hub_copy and hub_copy != "tiny" else f"{keyword}='PATH'"
+        raise SafeError(f"The adapter in {folder} was trained with the {what} at {path}, which is not on this "
+                        f"machine; pass it from where it is here, e.g. from_pretrained('{folder}', {example}).")
 
 
 def from_pretrained(source: str | Path, base: str | None = None, audio_encoder: str | None = None,
@@ -72,10 +75,9 @@ def from_pretrained(source: str | Path, base: str | None = None, audio_encoder: 
     folder = adapter_folder(source, revision)
     saved = json.loads((folder / CONFIG_FILE).read_text())
     preset = saved_preset(saved)
+    _check_reachable(preset, folder, base is not None, audio_encoder is not None)
     if base is not None:
         preset = preset.replace(base_model=str(base))
-    else:
-        _check_base_reachable(preset, folder)
     if audio_encoder is not None:
         preset = preset.replace(audio_encoder_path=str(audio_encoder))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

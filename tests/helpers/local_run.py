@@ -30,10 +30,28 @@ def save_base(folder: Path, seed: int) -> Path:
     return folder
 
 
-def make_run(root: Path) -> tuple[Path, Path]:
-    """(run folder, base folder) under ``root``."""
+def save_clap(folder: Path, seed: int) -> Path:
+    """A small CLAP (audio and text towers) with its feature extractor, as a local copy of a hub CLAP would be."""
+    from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
+
+    audio = ClapAudioConfig(patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32,
+                            projection_dim=16, spec_size=64, window_size=4, num_mel_bins=16, patch_size=4,
+                            patch_stride=[4, 4], enable_fusion=False)
+    text = ClapTextConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, projection_dim=16)
+    torch.manual_seed(seed)
+    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)) \
+        .save_pretrained(folder)
+    ClapFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, max_length_s=1, fft_window_size=256,
+                         truncation="rand_trunc").save_pretrained(folder)
+    return folder
+
+
+def make_run(root: Path, audio_encoder: str = "tiny") -> tuple[Path, Path]:
+    """(run folder, base folder) under ``root``; ``audio_encoder``: tiny, or a local encoder folder."""
     base = save_base(root / "llava", seed=0)
-    config = build_config(cli_values={"model_config": "llava-1.5-7b", "base_model": str(base), "audio_encoder": "tiny",
+    config = build_config(cli_values={"model_config": "llava-1.5-7b", "base_model": str(base),
+                                      "audio_encoder": audio_encoder,
                                       "variant": "soft_retention", "data_root": str(root / "data"),
                                       "output_root": str(root / "runs")})
     model = build_model(config, torch.device("cpu"))

@@ -162,3 +162,19 @@ def test_push_to_hub_creates_the_repository_and_uploads_the_folder(exported, mon
     assert push_to_hub(adapter, "me/my-adapter", private=True) == "https://huggingface.co/me/my-adapter"
     assert calls[0] == ("create_repo", "me/my-adapter", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][:2] == ("upload_folder", "me/my-adapter") and "README.md" in calls[1][2]
+
+
+def test_the_python_api_loads_an_export_and_answers_like_the_readme(exported, tmp_path, tone_writer):
+    from PIL import Image
+
+    from safe.inference import answer, caption_files, load_model
+
+    _, run, _, adapter = exported
+    model = load_model(adapter, device="cpu")
+    clip, image = tmp_path / "clip.wav", tmp_path / "photo.png"
+    tone_writer(clip, 1.0, 16000)
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(image)
+    assert len(caption_files(model, [str(clip)], max_new_tokens=3)) == 1
+    plain = answer(model, str(image), "what color", max_new_tokens=3)
+    assert plain == answer(model, str(image), "what color", gate=0.0, max_new_tokens=3)   # no audio: the base
+    assert load_model(run, device="cpu").trainable_config() == model.trainable_config()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from safe.inference import answer, load_run_model
+from safe.inference import answer, load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder (config.json + checkpoints/)")
+    parser.add_argument("--run", required=True, help="run folder (config.json + checkpoints/), or an adapter folder "
+                        "from `safe export`, or a hub id holding one")
     parser.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
     parser.add_argument("--image", required=True)
     parser.add_argument("--question", required=True)
@@ -19,6 +20,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _ = load_run_model(args.run, args.checkpoint, args.device)
+    model = load_model(args.run, args.checkpoint, args.device)
     print(answer(model, args.image, args.question, args.audio, args.gate, args.max_new_tokens))
     return 0

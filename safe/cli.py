@@ -1,7 +1,8 @@
 """The `safe` command.
 
 Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`; this file only
-routes. User mistakes (SafeError) are printed as one sentence, without a traceback.
+routes. User mistakes (SafeError) are printed as one sentence, without a traceback. Every command takes `--verbose`
+(the libraries' own progress bars, off by default: safe.quiet).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import sys
 
 from safe.errors import SafeError
+from safe.quiet import add_verbose_flag, library_progress_bars
 
 # (command path, module, help). A module is imported only when its command is used.
 COMMANDS = [
@@ -20,6 +22,7 @@ COMMANDS = [
     (("caption",), "safe.inference", "caption audio files with a trained run"),
     (("ask",), "safe.ask", "ask a trained run a visual question, with or without audio"),
     (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
+    (("export",), "safe.export", "a run's adapter as a shareable folder with a model card"),
     (("cache-features",), "safe.training.cache_features", "encode the audio clips into the feature cache ahead of training"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),
@@ -27,6 +30,7 @@ COMMANDS = [
     (("data", "validate"), "safe.data.validate", "check a whole data root before training"),
     (("data", "fix-wavcaps"), "safe.data.wavcaps_fix", "repair WavCaps audio paths"),
     (("data", "validate-wavcaps"), "safe.data.wavcaps_validate", "check that every WavCaps row loads"),
+    (("models", "download"), "safe.models.staging", "fetch a preset's base model and audio encoder from the hub"),
     (("metrics", "fetch-spice"), "safe.eval.spice_fetch", "download the Stanford CoreNLP jars SPICE needs"),
 ]
 
@@ -55,11 +59,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
         if path == chosen:
             importlib.import_module(module).configure(sub)
+            add_verbose_flag(sub)
         sub.set_defaults(_module=module)
     return parser
 
 
 def _run(module, args: argparse.Namespace) -> int:
+    library_progress_bars(getattr(args, "verbose", False))
     try:
         return int(module.run(args) or 0)
     except SafeError as exc:
@@ -76,6 +82,7 @@ def standalone(module_name: str, argv: list[str] | None, prog: str, description:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     module.configure(parser)
+    add_verbose_flag(parser)
     return _run(module, parser.parse_args(argv))
 
 

@@ -1,4 +1,7 @@
-"""`safe caption` and `safe ask`: hear what a trained run says, from its config.json and trainable checkpoint."""
+"""Use a trained model: load a run or an exported adapter, caption audio files, answer visual questions.
+
+The Python API the README documents (`load_model`, `load_run_model`, `caption_files`, `answer`) and `safe caption`.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,20 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: s
     return model, config
 
 
+def load_model(source: str | Path, checkpoint: str | None = None, device: str | None = None):
+    """A trained SAFE model from a run folder (its latest checkpoint, or ``checkpoint``), an adapter folder written
+    by `safe export` / save_pretrained, or a hub id holding one."""
+    from safe.models.loading import looks_like_path
+    from safe.models.pretrained import from_pretrained
+    from safe.models.safe_model import CONFIG_FILE
+
+    path = Path(source)
+    is_export = (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file()
+    if checkpoint is None and (is_export or not looks_like_path(str(source))):
+        return from_pretrained(source, device=device)
+    return load_run_model(source, checkpoint, device)[0]
+
+
 def _waveforms(model, files: list[str]) -> torch.Tensor:
     encoder = model.audio_encoder
     clips = [torch.from_numpy(load_audio(f, encoder.sample_rate, encoder.clip_seconds)) for f in files]
@@ -64,7 +81,8 @@ def answer(model, image: str, question: str, audio: str | None = None, gate: flo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder (config.json + checkpoints/)")
+    parser.add_argument("--run", required=True, help="run folder (config.json + checkpoints/), or an adapter folder "
+                        "from `safe export`, or a hub id holding one")
     parser.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
     parser.add_argument("--audio", nargs="+", required=True, help="audio files (WAV, FLAC, OGG, MP3)")
     parser.add_argument("--gate", type=float, default=1.0, help="0 gives the base model's (muted) caption")
@@ -74,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _ = load_run_model(args.run, args.checkpoint, args.device)
+    model = load_model(args.run, args.checkpoint, args.device)
     for path, caption in zip(args.audio, caption_files(model, args.audio, args.gate, args.max_new_tokens,
                                                         args.num_beams)):
         print(f"{path}\t{caption}")

@@ -9,6 +9,8 @@ import argparse
 import csv
 import io
 import json
+import os
+import sys
 from pathlib import Path
 
 from safe.errors import SafeError
@@ -99,64 +101,129 @@ def csv_table(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def comparison_plot(rows: list[dict], path: Path) -> Path:
-    """Retention (distractor VQA delta) against listening (listening gain), one point per run."""
-    from safe.training.plots import pyplot, save_figure
+def evaluated_ids(run_dir: Path, step) -> dict | None:
+    """The items the run's final evaluation scored (predictions/step_<N>/evaluated_ids.json), when written."""
+    if step is None:
+        return None
+    path = run_dir / "predictions" / f"step_{int(step):08d}" / "evaluated_ids.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(runs: list[Path], counts: list, id_sets: list, what: str) -> str | None:
+    named = [(run.name, n) for run, n in zip(runs, counts) if n is not None]
+    if len({n for _, n in named}) > 1:
+        return f"{what}: " + ", ".join(f"{name} {n}" for name, n in named)
+    known = [(run.name, ids) for run, ids in zip(runs, id_sets) if ids is not None]
+    if len({ids for _, ids in known}) > 1:
+        return f"{what}: the same number but not the same items ({', '.join(name for name, _ in known)})"
+    return None
+
+
+def comparability_warning(runs: list[Path], rows: list[dict]) -> str | None:
+    """One sentence when the rows were not evaluated on the same clips and questions (their numbers then differ by
+    the items as much as by the runs), else None."""
+    sets = []
+    for run, row in zip(runs, rows):
+        metrics = json.loads((run / "metrics.json").read_text()).get("validation", {})
+        ids = evaluated_ids(run, metrics.get("step")) or {}
+        sets.append(ids)
+    audio = _differences(runs, [row["audio_n"] for row in rows],
+                         [(s.get("audio_split"), tuple(sorted(map(str, s["audio_ids"])))) if "audio_ids" in s else None
+                          for s in sets], "clips captioned")
+    vqa = _differences(runs, [row["vl_n"] for row in rows],
+                       [(s.get("vl_split"), tuple(sorted(map(str, s["vl_question_ids"]))))
+                        if "vl_question_ids" in s else None for s in sets], "VQA questions")
+    found = [d for d in (audio, vqa) if d]
+    if not found:
+        return None
+    return ("These runs were not evaluated on the same items, so their rows do not compare (" + "; ".join(found) +
+            "); evaluate them alike, e.g. `safe eval --run RUN --max-audio-eval-samples N --max-vl-eval-samples M` "
+            "with the same N, M and --eval-seed for every run.")
+
+
+def comparison_figure(rows: list[dict]):
+    """Retention (distractor VQA delta) against listening (listening gain), one numbered point per run; the legend
+    outside the axes names each run."""
+    from safe.training.plots import legend_outside, pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^vP*Xh<>"
+    placed: dict[tuple, int] = {}
+    for index, row in enumerate(rows, start=1):
         if row["listen_gain"] is None or row["vl_distractor_delta"] is None:
             continue
-        ax.scatter(row["listen_gain"], row["vl_distractor_delta"], s=60)
-        ax.annotate(row["variant"] or row["run"], (row["listen_gain"], row["vl_distractor_delta"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+        point = (row["listen_gain"], row["vl_distractor_delta"])
+        ax.scatter(*point, s=60, marker=markers[(index - 1) % len(markers)], label=f"{index}: {row['run']}")
+        stacked = placed.get(point, 0)  # runs on the same spot get their numbers one above the other
+        placed[point] = stacked + 1
+        ax.annotate(str(index), point, textcoords="offset points", xytext=(6, 4 + 10 * stacked), fontsize=8)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("listening gain: CIDEr-D own audio − shuffled audio")
     ax.set_ylabel("VQA accuracy with distractor audio − without (points)")
     ax.set_title("Retention vs listening")
-    return save_figure(fig, path)
+    legend_outside(ax)
+    return fig
 
 
-def learning_curves_plot(runs: list[Path], path: Path) -> Path:
-    """Caption loss per optimizer step (left) and CIDEr-D per evaluation (right), one line per run."""
+def learning_curves_figure(runs: list[Path]):
+    """Each loss on its own axes (KL and Fisher on log scales) and CIDEr-D per evaluation; one line per run, named
+    by its run folder."""
     from safe.training.outputs import read_log
-    from safe.training.plots import pyplot, save_figure
+    from safe.training.plots import LOSSES, TITLES, legend_outside, loss_axes, positive_or_nan, pyplot
 
     plt = pyplot()
-
-    fig, (loss_ax, cider_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        train = [r for r in read_log(run) if r.get("event") == "train"]
-        loss_ax.plot([r["step"] for r in train], [r.get("caption_loss") for r in train], label=run.name)
+    logs = {run: [r for r in read_log(run) if r.get("event") == "train"] for run in runs}
+    present = [entry for entry in LOSSES if any(r.get(entry[0]) for records in logs.values() for r in records)]
+    present = present or [LOSSES[0]]
+    fig, axes = loss_axes(plt, present + [("audio_cider", "CIDEr-D (0-100)", False)], width=4.2)
+    for run, records in logs.items():
+        steps = [r["step"] for r in records]
+        for ax, (key, _, log) in zip(axes, present):
+            ax.plot(steps, positive_or_nan([r.get(key) for r in records], log), label=run.name)
         history = json.loads((run / "metrics.json").read_text()).get("history", [])
-        cider_ax.plot([h["step"] for h in history], [h.get("audio_cider") for h in history], marker="o",
+        axes[-1].plot([h["step"] for h in history], [h.get("audio_cider") for h in history], marker="o",
                       label=run.name)
-    loss_ax.set(xlabel="optimizer step", ylabel="caption loss (label-smoothed CE)", title="Training loss")
-    cider_ax.set(xlabel="optimizer step", ylabel="CIDEr-D (0-100)", title="Audio captioning")
-    loss_ax.legend(fontsize=7)
-    cider_ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    for ax, (key, _, _) in zip(axes, present + [("audio_cider", "", False)]):
+        ax.set_title(TITLES.get(key, key))
+    legend_outside(axes[-1])
+    return fig
 
 
 def write_report(runs: list[Path], out_dir: Path) -> dict:
+    from safe.files import atomic_write_text
+    from safe.training.plots import save_figure
+
     rows = [run_row(run) for run in runs]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(markdown_table(rows))
-    (out_dir / "comparison.csv").write_text(csv_table(rows))
-    comparison_plot(rows, out_dir / "comparison.png")
-    learning_curves_plot(runs, out_dir / "learning_curves.png")
-    return {"rows": rows, "markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
+    warning = comparability_warning(runs, rows)
+    markdown = (f"> **Warning:** {warning}\n\n" if warning else "") + markdown_table(rows)
+    atomic_write_text(out_dir / "comparison.md", markdown)
+    atomic_write_text(out_dir / "comparison.csv", csv_table(rows))
+    save_figure(comparison_figure(rows), out_dir / "comparison.png")
+    save_figure(learning_curves_figure(runs), out_dir / "learning_curves.png")
+    return {"rows": rows, "warning": warning, "markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
             "png": out_dir / "comparison.png", "curves": out_dir / "learning_curves.png"}
+
+
+def default_out(runs: list[Path]) -> Path:
+    """Next to the runs: `report/` in the folder that holds them (their common parent)."""
+    return Path(os.path.commonpath([str(run.resolve().parent) for run in runs])) / "report"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: ./report)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: report/ in the folder holding the runs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = write_report(find_runs(args.runs), args.out or Path("report"))
+    runs = find_runs(args.runs)
+    report = write_report(runs, args.out or default_out(runs))
     print(report["markdown"].read_text(), end="")
     print(f"written: {report['markdown']}, {report['csv']}, {report['png']}, {report['curves']}")
+    if report["warning"]:
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return 0

@@ -3,8 +3,13 @@
 # `srun torchrun` (one torchrun per node, one training process per GPU), checkpoints and requeues
 # itself shortly before the time limit, and the requeued job resumes where it stopped.
 #
-#   sbatch scripts/full_training.sh                                  # from the repository root
+#   MODEL_CONFIG=llava-1.5-7b DATA_ROOT=/data/safe sbatch scripts/full_training.sh   # from the repository root
+#   sbatch scripts/full_training.sh                                  # the default model, full = llava-1.5-13b
 #   VARIANT_ORDER=soft_retention sbatch --nodes=1 --gpus-per-node=8 scripts/full_training.sh
+#
+# Before submitting: fetch the model where there is network access (`safe models download --preset llava-1.5-7b`,
+# then HF_HUB_OFFLINE=1 for the jobs), and preflight it on the login node (no GPU needed):
+#   python experiments/full_training/run_full_training.py --model-config llava-1.5-7b --data-root DIR --dry-run
 #
 # What to edit (here, or override on the sbatch command line):
 #   --nodes, --gpus-per-node   the size of the job (GPUS_PER_NODE is read from the allocation)
@@ -20,7 +25,7 @@
 #   OUTPUT_ROOT      runs go to $OUTPUT_ROOT/<job id>/<YYYYmmdd_HHMMSS>_<variant>/
 #                    (default experiments/full_training/runs)
 #   VARIANT_ORDER    variants, in order (default "no_retention soft_retention")
-#   MODEL_CONFIG     tiny, llava-1.5-7b, llava-1.5-13b, full (= 13b), demo (= tiny) (default full)
+#   MODEL_CONFIG     llava-1.5-7b, llava-1.5-13b, full (= 13b), tiny, demo (= tiny) (default full)
 #   NUM_EPOCHS MAX_STEPS TRAIN_BS VAL_BS NUM_WORKERS SEED LR_PROJECTOR LR_ADAPTER
 #   GRADIENT_ACCUMULATION_STEPS  (TRAIN_BS is per GPU: global batch = TRAIN_BS x GPUs x accumulation)
 #   USE_WAVCAPS=1 WAVCAPS_RATIO=0.5   add (a seeded fraction of) WavCaps

@@ -18,7 +18,8 @@ def test_yaml_values_are_overridden_by_flags(tmp_path):
     config = build_config(load_yaml(path), {"seed": 9, "lr_projector": None})
     assert config.train.seed == 9 and config.train.lr_adapter == 0.5
     assert config.retention.kl_weight == 2.0 and config.train.variant == "fisher_retention"
-    assert config.train.lr_projector == 2e-4  # None on the command line means "not given"
+    assert config.train.lr_projector == 2e-3  # None on the command line means "not given": the tiny preset's default
+    assert build_config(cli_values={"model_config": "llava-1.5-7b", "lr_projector": None}).train.lr_projector == 2e-4
 
 
 def test_bad_values_are_one_sentence_errors(tmp_path):

@@ -155,7 +155,8 @@ def test_user_mistakes_are_one_sentence(toy_world, tmp_path):
     empty = tmp_path / "empty_root"
     (empty / "audiocaps").mkdir(parents=True)
     (empty / "audiocaps" / "audiocaps_train.jsonl").write_text("")
-    result = safe_cli("train", "--data-root", str(empty))
+    (empty / "audiocaps" / "audiocaps_val.jsonl").write_text("")  # the held-out split is opened first
+    result = safe_cli("train", "--data-root", str(empty), "--model-config", "tiny")
     assert result.returncode == 2 and "split is empty" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="clips to evaluate, or 'all' (default: the run's; papers report whole splits)")
     parser.add_argument("--max-vl-eval-samples", type=eval_limit, help="VQA questions, or 'all' (default: the run's)")
     parser.add_argument("--device")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out, {"checkpoint": str(checkpoint), "dataset": dataset, "split": split,
                             "vl_split": config.data.vl_eval_split, "audio_manifest": str(data.audio_val.manifest_path),
                             "validation": metrics})
-    print(json.dumps(metrics, indent=2))
-    print(f"written to {out}")
+    if args.json:  # stdout stays pure JSON for scripts
+        print(json.dumps(metrics, indent=2))
+        print(f"written to {out}", file=sys.stderr)
+    else:
+        from safe.eval.summary import metrics_table
+
+        print(f"{dataset} {split} ({checkpoint.name}):")
+        print(metrics_table(metrics), end="")
+        print(f"written to {out}")
     return 0

@@ -8,18 +8,11 @@ import torch
 
 from safe.errors import SafeError
 from safe.models.audio_encoders import ClapEncoder, FrozenAudioEncoder, TinyConvEncoder, WhisperEncoderWrapper
-from safe.models.loading import default_dtype, load_model, load_pretrained
+from safe.models.loading import default_dtype, load_model, load_pretrained, looks_like_path
+from safe.models.meta import KNOWN_BASES, build_on_meta, count_parameters  # noqa: F401 (imported from here by callers)
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
-
-# Architectures of the real presets, so parameters can be counted on the meta device without a download.
-KNOWN_BASES = {
-    "llava-hf/llava-1.5-7b-hf": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                     num_attention_heads=32, num_key_value_heads=32),
-    "llava-hf/llava-1.5-13b-hf": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                      num_attention_heads=40, num_key_value_heads=40),
-}
-
+from safe.models.staging import require_models
 
 def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: Path | None = None) -> FrozenAudioEncoder:
     kind, name = preset.audio_encoder, preset.encoder_path
@@ -89,7 +82,11 @@ def build_safe_model(preset: ModelPreset, device: str | torch.device | None = No
     """The SAFE model of ``preset`` on ``device`` (frozen parts in ``dtype``: bf16 on GPU, fp32 on CPU)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
+    # Offline, one error names every missing hub model before the first long load (a local base loads first, so a
+    # wrong folder is reported as such).
+    require_models(preset, roles=("base model", "audio encoder") if not looks_like_path(preset.base_model) else ())
     base, processor, name, tiny_dir = load_base(preset, device, dtype, log=log)
+    require_models(preset, roles=("audio encoder",))
     encoder = load_audio_encoder(preset, device, dtype if preset.audio_encoder != "tiny" else None, tiny_dir)
     return SAFEModel(base, processor, encoder, preset, base_name=name)
 
@@ -98,6 +95,7 @@ def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None =
     """The preset's frozen audio encoder alone, loaded exactly as build_safe_model loads it (same weights,
     device and dtype), so features computed with it land on the trainer's feature-cache entries."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    require_models(preset, roles=("audio encoder",))
     tiny_dir = None
     if preset.base_model == "tiny":  # the tiny encoder is saved inside the tiny base's cache entry
         from safe.models.tiny_base import ensure_tiny_base
@@ -106,55 +104,3 @@ def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None =
     dtype = default_dtype(device) if preset.audio_encoder != "tiny" else None
     return load_audio_encoder(preset, device, dtype, tiny_dir)
 
-
-# ------------------------------------------------------------------------------------------ meta
-
-
-class _MetaEncoder(FrozenAudioEncoder):
-    def __init__(self, module, feature_dim: int, encoder_id: str):
-        super().__init__()
-        self.module, self.feature_dim, self.encoder_id = module or torch.nn.Identity(), feature_dim, encoder_id
-        self.sample_rate, self.clip_seconds = 0, 0.0
-
-
-def build_on_meta(preset: ModelPreset) -> SAFEModel:
-    """The preset's SAFE model with every weight on the meta device (no memory, no download)."""
-    from transformers import (AutoConfig, ClapAudioConfig, ClapAudioModelWithProjection, CLIPVisionConfig,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, WhisperConfig, WhisperModel)
-
-    if preset.base_model in KNOWN_BASES:
-        text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **KNOWN_BASES[preset.base_model])
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000, vision_feature_layer=-2,
-                             projector_hidden_act="gelu")
-    else:
-        config = AutoConfig.from_pretrained(preset.base_model)
-    with torch.device("meta"):
-        base = LlavaForConditionalGeneration(config)
-        if preset.audio_encoder == "whisper":
-            audio = WhisperModel(WhisperConfig.from_pretrained(preset.encoder_path)
-                                 if Path(preset.encoder_path).exists() else
-                                 WhisperConfig(d_model=768, encoder_layers=12, decoder_layers=12,
-                                               encoder_attention_heads=12, decoder_attention_heads=12,
-                                               encoder_ffn_dim=3072, decoder_ffn_dim=3072)).get_encoder()
-            dim = audio.config.d_model
-        elif preset.audio_encoder == "clap":
-            audio = ClapAudioModelWithProjection(ClapAudioConfig()).audio_model  # htsat-unfused's audio tower
-            dim = audio.config.hidden_size
-        else:
-            audio, dim = None, TinyConvEncoder().feature_dim
-        encoder = _MetaEncoder(audio, dim, f"meta:{preset.audio_encoder}")
-        return SAFEModel(base, None, encoder, preset)
-
-
-def count_parameters(preset: ModelPreset) -> dict:
-    """Trainable / frozen parameter counts of ``preset``, built on the meta device."""
-    model = build_on_meta(preset)
-    trainable = model.named_trainable_parameters()
-    parts = {"projector": 0, "xattn": 0, "lora": 0}
-    for name, p in trainable.items():
-        key = "projector" if name.startswith("projector.") else "xattn" if name.startswith("fusion.") else "lora"
-        parts[key] += p.numel()
-    frozen = sum(p.numel() for p in model.frozen_parameters().values())
-    return {"preset": preset.name, "trainable": sum(parts.values()), "frozen": frozen, **parts}

@@ -82,6 +82,25 @@ def base_fingerprint(base) -> dict:
     return info
 
 
+def encoder_fingerprint(encoder) -> list[float] | None:
+    """A signature of the frozen audio encoder's weights (its first tensors), like the base's: an adapter follows
+    its encoder's weights wherever they are stored (a local copy or the hub), not the folder name."""
+    params = [p for p in encoder.parameters() if p.numel()][:8]
+    if not params or params[0].device.type == "meta":
+        return None
+    flat = torch.cat([p.detach().flatten()[: 1 << 17].float().cpu() for p in params])
+    probes = torch.randn(4, flat.numel(), generator=torch.Generator().manual_seed(20240918))
+    return [round(float(v), 4) for v in (probes @ flat) / (flat.norm() + 1e-12)]
+
+
+def encoder_settings(encoder_id: str | None) -> tuple | None:
+    """What an encoder id says beside its name (kind, feature mode, rate, clip length); None when it has no name
+    part (the tiny encoder's id is all settings)."""
+    kind, _, rest = (encoder_id or "").partition(":")
+    parts = {"clap": 3, "whisper": 2}.get(kind)
+    return (kind, *rest.rsplit(":", parts)[1:]) if parts and rest.count(":") >= parts else None
+
+
 class SAFEModel(nn.Module):
     def __init__(self, base, processor, audio_encoder, preset: ModelPreset, base_name: str | None = None):
         super().__init__()
@@ -296,6 +315,7 @@ class SAFEModel(nn.Module):
         shapes = {n: list(p.shape) for n, p in self.named_trainable_parameters().items()}
         return {"format": FORMAT, "base_model": self.base_name, "base_fingerprint": base_fingerprint(self.base),
                 "preset": self.preset.to_dict(), "audio_encoder": self.audio_encoder.encoder_id,
+                "audio_encoder_fingerprint": encoder_fingerprint(self.audio_encoder),
                 "feature_dim": self.audio_encoder.feature_dim, "fusion": self.preset.fusion,
                 "num_audio_tokens": self.preset.num_audio_tokens,
                 "xattn_layers": list(self.fusion.layer_ids) if self.fusion is not None else None,
@@ -317,6 +337,19 @@ class SAFEModel(nn.Module):
                      needed=sum(t.numel() * t.element_size() for t in state.values()))
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1))
         return directory
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A shareable adapter folder (safe.models.pretrained): the trainable weights and the config naming the base
+        and the audio encoder; frozen weights never."""
+        return self.save_trainable(directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, base: str | None = None, **kwargs) -> "SAFEModel":
+        """The model of an adapter folder or hub id, on the base it names, or on ``base`` (refused unless it is the
+        base the adapter was trained on). Keywords: audio_encoder, device, dtype, revision."""
+        from safe.models.pretrained import from_pretrained
+
+        return from_pretrained(source, base=base, **kwargs)
 
     def load_trainable(self, directory: str | Path) -> dict:
         """Load weights written by ``save_trainable``; refuses another base, encoder, fusion or shape."""
@@ -356,7 +389,7 @@ class SAFEModel(nn.Module):
             raise SafeError(f"The trainable state in {directory} was trained on base model "
                             f"'{saved.get('base_model')}', not on '{self.base_name}'; load it with that base "
                             "(--base-model / --model-config).")
-        if saved.get("audio_encoder") != self.audio_encoder.encoder_id:
+        if saved.get("audio_encoder") != self.audio_encoder.encoder_id and not self._same_encoder_elsewhere(saved):
             raise SafeError(f"The trainable state in {directory} was trained with audio encoder "
                             f"'{saved.get('audio_encoder')}', not '{self.audio_encoder.encoder_id}'; use the same "
                             "--audio-encoder.")
@@ -368,6 +401,14 @@ class SAFEModel(nn.Module):
         if saved.get("xattn_layers") != mine_layers:
             raise SafeError(f"The trainable state in {directory} has adapters after layers {saved.get('xattn_layers')} "
                             f"but this model after {mine_layers}; pass the same --xattn-layers.")
+
+    def _same_encoder_elsewhere(self, saved: dict) -> bool:
+        """The same encoder weights and settings under another name (a local copy of the hub model, or moved)."""
+        theirs, mine = saved.get("audio_encoder_fingerprint"), encoder_fingerprint(self.audio_encoder)
+        settings = encoder_settings(saved.get("audio_encoder"))
+        return bool(theirs and mine and settings is not None and
+                    settings == encoder_settings(self.audio_encoder.encoder_id) and
+                    all(abs(a - b) < 0.05 for a, b in zip(theirs, mine)))
 
     def trainable_config_value(self, key: str):
         return {"fusion": self.preset.fusion, "num_audio_tokens": self.preset.num_audio_tokens,

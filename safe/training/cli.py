@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from safe.config import VARIANTS, build_config, load_yaml
+from safe.config import VARIANTS, build_config, explicit_settings, load_yaml, preset_train_defaults
 
 ALL = "all"  # an evaluation limit meaning the whole split (None in the config)
 
@@ -107,9 +108,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--wandb-project", help="also log to this Weights & Biases project")
     add("--resume", nargs="?", const="auto",
         help="continue the latest run of this variant under --output-root, or the run folder given")
+    add("--dry-run", action="store_true", help="build the model on the meta device, print parameters, memory, tokens, "
+        "steps and time, check the data, and exit without training")
 
 
-CONTROL_FLAGS = {"config", "command", "subcommand", "_module"}
+CONTROL_FLAGS = {"config", "command", "subcommand", "_module", "verbose", "dry_run"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -120,16 +123,44 @@ def config_from_args(args: argparse.Namespace):
     config = build_config(yaml_values, values)
     for key in unlimited:  # set after the merge: a None flag means "not given"
         setattr(config.data, key, None)
+    if config.train.resume in (None, "auto"):  # a run folder given to --resume trains with its own config.json
+        from safe.training.preset_guard import check_preset_fits_data
+
+        check_preset_fits_data(config, preset_named="preset" in explicit_settings(yaml_values, values))
     return config
+
+
+def _say_preset_defaults(args: argparse.Namespace, config) -> None:
+    """Name the preset's training defaults this run takes (they are in config.json as resolved values)."""
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
+    taken = preset_train_defaults(config.model.preset, explicit_settings(yaml_values, vars(args)))
+    if taken and config.train.resume is None and _is_rank_zero():
+        flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in taken.items())
+        print(f"{config.model.preset} preset defaults: {flags} (set any of them to override)")
 
 
 def run(args: argparse.Namespace) -> int:
     from safe.training.distributed import shutdown
     from safe.training.trainer import train  # heavy imports only when training
 
+    config = config_from_args(args)
+    _say_preset_defaults(args, config)
+    if args.dry_run:
+        from safe.training.dry_run import dry_run
+
+        return dry_run(config)
     try:
-        result = train(config_from_args(args))
+        result = train(config)
     finally:
         shutdown()
+    if not _is_rank_zero():
+        return 0
     print(f"run folder: {result['run_dir']} ({result['status']} at step {result['step']})")
+    from safe.eval.summary import summary_lines
+
+    print("\n".join(summary_lines(result.get("validation") or {})))
     return 0
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun sets RANK; one process speaks for the run

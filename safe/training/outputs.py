@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -62,6 +63,19 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def command_line() -> str:
+    """The command that started this process, as it would be typed again (model cards quote it)."""
+    argv = sys.argv or [""]
+    script = Path(argv[0])
+    if script.name == "__main__.py":
+        head = ["python", "-m", script.parent.name]    # python -m safe
+    elif script.suffix == ".py":
+        head = ["python", argv[0]]                       # the seed entry points, also under torchrun
+    else:
+        head = [script.name or "python"]                 # the `safe` console script
+    return shlex.join(head + argv[1:])
+
+
 def environment() -> dict:
     versions = {}
     for name in PACKAGES:
@@ -70,7 +84,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "git_commit": git_commit()}
+            "git_commit": git_commit(), "command": command_line()}
 
 
 class RunLogger:

@@ -103,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SafeError("--jobs must be at least 1.")
     configs = _configs(args)
+    if args.dry_run:  # each variant's figures (retention adds VL micro-batches), nothing trained
+        from safe.training.dry_run import dry_run
+
+        for config in configs:
+            print(f"== {config.train.variant} ==", flush=True)
+            dry_run(config)
+        return 0
     runs = _train_here(configs) if args.jobs == 1 else _train_in_processes(configs, args.jobs)
     output_root = Path(configs[-1].train.output_root)
     report_dir = args.report_dir or output_root / f"sweep_{time.strftime('%Y%m%d_%H%M%S')}"

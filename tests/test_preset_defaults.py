@@ -1,18 +1,14 @@
-"""Toy defaults belong to the tiny preset, and `safe train` refuses the tiny preset on real data unless it is named.
+"""Toy defaults belong to the tiny preset, and an unnamed preset follows the data (tiny only on a toy world).
 
-The refusal is checked through the real command in its own process; the defaults through the real config builder
-and the real argument parser.
+The seed command is checked in its own process; the defaults through the real config builder and argument parser.
 """
 
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from safe.cli import build_parser
 from safe.config import build_config
-from safe.errors import SafeError
 from safe.training.cli import config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,27 +41,33 @@ def real_looking_root(root: Path) -> Path:
     return root
 
 
-def test_safe_train_refuses_the_default_tiny_preset_on_real_data(tmp_path):
-    root = real_looking_root(tmp_path / "audiocaps_data")
-    done = subprocess.run([sys.executable, "-m", "safe", "train", "--data-root", str(root),
-                           "--output-root", str(tmp_path / "runs")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    message = done.stderr.strip()
-    assert message.startswith("error: ") and message.count("\n") == 0
-    assert f"{root} is not a toy world" in message
-    assert "--model-config llava-1.5-7b" in message and "--model-config tiny" in message
-    assert not (tmp_path / "runs").exists()                                      # refused before any run folder
-
-
-def test_the_refusal_yields_to_a_named_preset_a_toy_world_and_a_resumed_run(tmp_path, toy_world):
+def test_an_unnamed_preset_follows_the_data(tmp_path, toy_world):
+    """Real data gets LLaVA-1.5-7B and its own defaults, a toy world the tiny model; a named preset always wins."""
     root = real_looking_root(tmp_path / "data")
-    with pytest.raises(SafeError, match="is not a toy world"):
-        parsed("--data-root", root)
+    real = parsed("--data-root", root)
+    assert real.model.preset == "llava-1.5-7b" and (real.train.lr_projector, real.train.max_steps) == (2e-4, None)
     assert parsed("--data-root", root, "--model-config", "tiny").model.preset == "tiny"
     assert parsed("--data-root", root, "--preset", "demo").model.preset == "tiny"
     (tmp_path / "tiny.yaml").write_text("model_config: tiny\n")
     assert parsed("--data-root", root, "--config", tmp_path / "tiny.yaml").model.preset == "tiny"
     assert parsed("--data-root", toy_world).model.preset == "tiny"
-    assert parsed("--data-root", root, "--resume", tmp_path / "some_run").train.resume == str(tmp_path / "some_run")
-    assert parsed("--data-root", tmp_path / "missing").data.data_root == str(tmp_path / "missing")  # loader's error
+    assert parsed("--data-root", root, "--resume", tmp_path / "some_run").model.preset == "tiny"   # its own, later
+    assert parsed("--data-root", tmp_path / "missing").model.preset == "tiny"    # the loader says how to stage data
+
+
+def test_the_seed_command_on_real_data_plans_the_real_model(tmp_path, toy_world):
+    """`run_full_training.py --variant soft_retention --data-root DIR`, exactly as the user's README writes it, on
+    data that is not a toy world: LLaVA-1.5-7B (here its dry run, offline, from the preset's known architecture)."""
+    import shutil
+
+    root = tmp_path / "staged"
+    shutil.copytree(toy_world, root)
+    (root / "toy_world.json").unlink()                                            # real data, as far as it knows
+    done = subprocess.run([sys.executable, "experiments/full_training/run_full_training.py", "--variant",
+                           "soft_retention", "--data-root", str(root), "--output-root", str(tmp_path / "runs"),
+                           "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model: llava-1.5-7b (the default on real data" in done.stdout
+    assert "7.09" in done.stdout or "7,09" in done.stdout                       # frozen parameters of the 7B base
+    assert not (tmp_path / "runs").exists()

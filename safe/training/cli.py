@@ -120,13 +120,22 @@ def config_from_args(args: argparse.Namespace):
     unlimited = {k for k, v in values.items() if v == ALL}
     values = {k: None if k in unlimited else v for k, v in values.items()}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
+    if values.get("resume") is None and "preset" not in explicit_settings(yaml_values, values):
+        # An unnamed preset follows the data: the toy model on a toy world, LLaVA-1.5-7B on real data (a resumed
+        # run keeps its own). Chosen before the config is built, so the preset's own defaults apply.
+        from safe.config import DEFAULT_DATA_ROOT
+        from safe.training.preset_guard import default_preset_for
+
+        root = values.get("data_root") or (yaml_values or {}).get("data_root") or \
+            ((yaml_values or {}).get("data") or {}).get("data_root") or DEFAULT_DATA_ROOT
+        chosen = default_preset_for(root)
+        if chosen is not None:
+            values["model_config"] = chosen
+            if _is_rank_zero():
+                print(f"model: {chosen} (the default on real data; --model-config chooses another, tiny included)")
     config = build_config(yaml_values, values)
     for key in unlimited:  # set after the merge: a None flag means "not given"
         setattr(config.data, key, None)
-    if config.train.resume in (None, "auto"):  # a run folder given to --resume trains with its own config.json
-        from safe.training.preset_guard import check_preset_fits_data
-
-        check_preset_fits_data(config, preset_named="preset" in explicit_settings(yaml_values, values))
     return config
 
 

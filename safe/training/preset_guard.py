@@ -1,29 +1,27 @@
-"""The tiny preset is the toy world's model: `safe train` refuses to train it on real data unless it was named.
+"""The default model follows the data: the tiny toy preset on a toy world, LLaVA-1.5-7B on real data.
 
-`tiny` is the default preset (it is what runs with no download), so a real-data command that forgets
-`--model-config` would otherwise spend hours training the toy model on AudioCaps. A toy world carries the file
-`toy_world.json` (written by `safe data synth`), which is how it is recognised.
+`tiny` is what runs with no download, so it was the default; a real-data command that left out `--model-config`
+(the user's own seed command, `run_full_training.py --variant ... --data-root DIR`, has no such flag) would then
+have spent hours training the toy model on AudioCaps. Now an unnamed preset is chosen by the data root: a toy world
+carries `toy_world.json` (written by `safe data synth`). Naming a preset always wins, tiny included.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from safe.errors import SafeError
-
 TOY_WORLD_MARK = "toy_world.json"
+REAL_DATA_PRESET = "llava-1.5-7b"
 
 
 def is_toy_world(data_root: str | Path) -> bool:
     return (Path(data_root) / TOY_WORLD_MARK).is_file()
 
 
-def check_preset_fits_data(config, preset_named: bool) -> None:
-    """Refuse the tiny preset, chosen by default, on a data root that is not a toy world."""
-    root = Path(config.data.data_root)
-    if config.model.preset != "tiny" or preset_named or not root.is_dir() or is_toy_world(root):
-        return  # a missing data root is the data loader's error, with its own fix
-    raise SafeError(f"{root} is not a toy world (no {TOY_WORLD_MARK}) but the model is the tiny toy preset, the "
-                    "default; add --model-config llava-1.5-7b to train the real model (fetch it first with "
-                    "`safe models download --preset llava-1.5-7b`), or --model-config tiny to train the toy model "
-                    "on this data anyway.")
+def default_preset_for(data_root: str | Path) -> str | None:
+    """The preset an unnamed --model-config means for this data root; None keeps the built-in default (tiny) for
+    a toy world, or when the root does not exist (the data loader then says how to stage data)."""
+    root = Path(data_root)
+    if not root.is_dir() or is_toy_world(root):
+        return None
+    return REAL_DATA_PRESET

@@ -22,15 +22,20 @@ DEMO_DIR = Path("demo_out")
 # Settings measured to show the toy world's phenomena (docs/design.md, "The toy world") within the time budget (see README's table).
 DEMO_FLAGS = [
     "--model-config", "tiny",
-    "--max-steps", "600",
+    "--lora-rank", "8",              # LoRA on the SAFE path: where forgetting really happens (see README)
+    "--max-steps", "400",
     "--train-batch-size", "16",
     "--val-batch-size", "50",
     "--lr-projector", "2e-3",
     "--lr-adapter", "2e-3",
     "--num-workers", "0",
+    "--fisher-samples", "32",
+    "--fisher-refresh", "100",
+    "--null-space-refresh", "100",
     "--max-audio-eval-samples", "100",
-    "--max-vl-eval-samples", "300",
+    "--max-vl-eval-samples", "250",
     "--generation-max-new-tokens", "16",
+    "--jobs", "2",                   # two variants at a time, one thread each: the 2 cores of a laptop or CI box
 ]
 
 

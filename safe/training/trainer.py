@@ -225,6 +225,10 @@ class Trainer:
 
     def save(self) -> None:
         """Rank 0 writes (all ranks hold the same trainable state); the others wait for it."""
+        # Cache entries this run computed reach the disk with the checkpoint, so a resumed run reads the same bits.
+        for cache in (self.feature_cache, self.retention.base_work if self.retention is not None else None):
+            if cache is not None:
+                cache.flush()
         if self.is_main:
             meta = {"variant": self.config.train.variant, "total_steps": self.total_steps,
                     "world_size": self.dist.world_size}

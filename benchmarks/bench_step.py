@@ -322,7 +322,8 @@ def main() -> None:
                 for config in configs:
                     r = config.measure(args.steps, args.warmup if round_index == 0 else 1)
                     print(f"round {round_index + 1} workers {workers} {config.spec:>28}: "
-                          f"step {r['step'] * 1000:6.1f} ms  limit {r['limit'] * 1000:6.1f} ms  ratio {r['ratio']:.3f}", flush=True)
+                          f"step {r['step'] * 1000:6.1f} ms  limit {r['limit'] * 1000:6.1f} ms  "
+                          f"ratio {r['ratio']:.3f}", flush=True)
             for config in configs:
                 results.append(config.summary())
                 config.close()

@@ -14,7 +14,7 @@ set of windows per clip (safe.data.audio.window_starts), so a clip longer than t
 epoch 2 that epoch 1 did not encode: epoch 3 shows the fully warm state.
 Reported: epoch-2 / epoch-1 (and epoch-3 / epoch-1) with the cache on, and the same ratios with it off.
 
-    python benchmarks/bench_feature_cache.py [--epochs 3] [--world small|medium] [--threads 1]
+    python benchmarks/bench_feature_cache.py [--epochs 3] [--repeats 3] [--world small|medium] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import write_result
+from _common import median, write_result
 
 import torch
 
@@ -128,23 +128,30 @@ def cache_sizes() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (cache off, then on, each)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--world", choices=("small", "medium"), default="small")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         from safe.data.synth import synthesize_toy_world
 
         world = Path(tmp) / "world"
         synthesize_toy_world(world, seed=0, size=args.world)
         epoch_times(world, None, 1, args.batch_size)  # untimed: imports, page cache, allocator warm-up
-        off = epoch_times(world, None, args.epochs, args.batch_size)
-        on = epoch_times(world, Path(tmp) / "features", args.epochs, args.batch_size)
+        for repeat in range(args.repeats):
+            off = epoch_times(world, None, args.epochs, args.batch_size)
+            on = epoch_times(world, Path(tmp) / f"features{repeat}", args.epochs, args.batch_size)  # cold each time
+            runs.append({"off": off, "on": on})
 
-    def ratios(rows):
-        return {f"epoch{r['epoch']}_over_epoch1": round(r["seconds"] / rows[0]["seconds"], 3) for r in rows[1:]}
+    def ratio(rows, epoch):
+        return rows[epoch - 1]["seconds"] / rows[0]["seconds"]
+
+    def spread(values):
+        return {"median": round(median(values), 3), "range": [round(min(values), 3), round(max(values), 3)]}
 
     sizes = cache_sizes()
     for name, figures in sizes.items():
@@ -155,10 +162,12 @@ def main() -> None:
         f"{WAVCAPS_CLIPS} clips, {WAVCAPS_WINDOWS_V1} windows when every window is cached (v1 did; v2 caches the first "
         "by default and the rest as training draws them)",
         "world": args.world, "encoder": "tiny (TinyConvEncoder, 16 kHz, 4 s)", "threads": args.threads,
-        "ratio_epoch2_over_epoch1_cache_on": round(on[1]["seconds"] / on[0]["seconds"], 3),
-        "ratio_epoch2_over_epoch1_cache_off": round(off[1]["seconds"] / off[0]["seconds"], 3),
-        "cache_on": {"epochs": on, **ratios(on)}, "cache_off": {"epochs": off, **ratios(off)},
-        "cold_cache_overhead": round(on[0]["seconds"] / off[0]["seconds"], 3),
+        "repeats": args.repeats,
+        "ratio_epoch2_over_epoch1_cache_on": spread([ratio(r["on"], 2) for r in runs]),
+        "ratio_epoch3_over_epoch1_cache_on": spread([ratio(r["on"], 3) for r in runs]),
+        "ratio_epoch2_over_epoch1_cache_off": spread([ratio(r["off"], 2) for r in runs]),
+        "cold_cache_overhead": spread([r["on"][0]["seconds"] / r["off"][0]["seconds"] for r in runs]),
+        "runs": runs,
     }, args.out)
 
 

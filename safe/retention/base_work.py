@@ -119,6 +119,8 @@ class BaseWorkCache:
     def answers(self, collated: dict) -> dict[str, str]:
         """Cached greedy answers of a collated VQA batch's questions, by question id (missing ones are absent)."""
         found = {}
+        if collated.get("image_paths") is None:
+            return found  # a batch that does not say its images (not from the VQA dataset): nothing to look up
         for row, qid in enumerate(map(str, collated["ids"])):
             extra = self._extra(collated, row)
             entry = self._entry(collated["image_paths"][row], extra)

@@ -40,7 +40,9 @@ from safe.files import atomic_write_text
 from safe.models.prompts import IGNORE_INDEX
 
 FORMAT = "safe-base-work-1"
-REMEMBERED = 4096  # questions of recent batches whose entries a KL step may ask for
+# Questions of recent batches whose entries a KL step asks for right after `answers` (an exact 7B entry is ~256 KB, so
+# a few batches' worth, not an epoch's).
+REMEMBERED = 256
 
 
 def base_work_key(model, max_new_tokens: int, batch_size: int, top_k: int, temperature: float) -> dict:

@@ -40,6 +40,7 @@ FLUSH_SECONDS = 300.0         # ... or when the oldest pending entry is this old
 REFRESH_SECONDS = 30.0        # a miss looks for other writers' new shards at most this often
 OPEN_FILES = 64               # shard files kept open for reading
 REPORTED_REJECTS = 5          # per store; later bad entries are only counted
+RECENT_ROWS = 50_000          # rows kept in a dict before they are folded into the sorted arrays
 
 ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("shard", "<u4"), ("crc", "<u4"), ("offset", "<u8"), ("size", "<u8")])
 
@@ -98,8 +99,8 @@ class ShardStore:
         self._loaded_at = time.monotonic()
         if not self.root.is_dir():
             return 0
-        added = 0
-        for path in sorted(self.root.glob("*.index")):
+        new = []
+        for path in sorted(self.root.glob("*.index")):  # names start with their write time: oldest first
             if path.name in self._indexes:
                 continue
             self._indexes.add(path.name)
@@ -112,13 +113,17 @@ class ShardStore:
                 self.report(f"index {path} cannot be read ({exc.__class__.__name__}); its entries will be recomputed")
                 continue
             rows = rows.copy()
-            rows["shard"] = [self._shard_number(names[i]) for i in rows["shard"]]
+            rows["shard"] = np.array([self._shard_number(n) for n in names], dtype=np.uint32)[rows["shard"]]
+            new.append(rows)
+        if not new:
+            return 0
+        rows = np.concatenate(new)
+        if len(rows) + len(self._recent) > RECENT_ROWS:  # e.g. the first look at a large cache: straight to the arrays
+            self._merge(rows)
+        else:
             for row in rows.tolist():
                 self._recent.setdefault(_ident(row[0], row[1]), []).append(row)
-            added += len(rows)
-        if len(self._recent) > 50_000:
-            self._merge()
-        return added
+        return len(rows)
 
     def _shard_number(self, name: str) -> int:
         if name not in self._shard_numbers:
@@ -126,13 +131,15 @@ class ShardStore:
             self._shards.append(name)
         return self._shard_numbers[name]
 
-    def _merge(self) -> None:
-        """Fold the recent rows into the sorted arrays (later rows stay after earlier ones of the same id)."""
-        if not self._recent:
-            return
-        new = np.array([row for rows in self._recent.values() for row in rows], dtype=ROW)
-        rows = np.concatenate([self._rows, new])
-        bad = np.concatenate([self._bad, np.zeros(len(new), bool)])
+    def _merge(self, new: np.ndarray | None = None) -> None:
+        """Fold the recent rows (and ``new`` ones) into the sorted arrays; rows of one id keep their load order."""
+        parts = [self._rows]
+        if self._recent:
+            parts.append(np.array([row for rows in self._recent.values() for row in rows], dtype=ROW))
+        if new is not None:
+            parts.append(new)
+        rows = np.concatenate(parts)
+        bad = np.concatenate([self._bad, np.zeros(len(rows) - len(self._bad), bool)])
         order = np.lexsort((rows["lo"], rows["hi"]))  # stable: equal ids keep their load order
         self._rows, self._bad, self._recent = rows[order], bad[order], {}
 

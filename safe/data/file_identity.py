@@ -70,8 +70,14 @@ class FileKeyedStore:
             return None
         blob = self.store.get(content)
         if blob is not None:
-            self.store.alias(located, content)  # moved or re-staged: next time a stat finds it
+            self._alias(located, content)  # moved or re-staged: next time a stat finds it
         return blob
+
+    def _alias(self, located: bytes, content: bytes) -> None:
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is None:  # loader workers only read; the training process records what it finds
+            self.store.alias(located, content)
 
     def contains(self, path, extra: dict) -> bool:
         try:
@@ -82,7 +88,7 @@ class FileKeyedStore:
         except OSError:
             return False
         if self.store.contains(content):
-            self.store.alias(located, content)
+            self._alias(located, content)
             return True
         return False
 

@@ -61,11 +61,12 @@ def toy_world(directory: Path) -> Path:
 
 
 def trainer_config(data_root: Path, work: Path, **overrides):
-    """A quiet tiny-preset run config with a private feature cache (nothing written to ~/.cache/safe/features)."""
+    """A quiet tiny-preset run config with private caches (nothing written to ~/.cache/safe)."""
     from safe.config import build_config
 
     values = {"model_config": "tiny", "data_root": str(data_root), "output_root": str(work / "runs"),
-              "feature_cache_dir": str(work / "features"), "train_batch_size": 8, "num_workers": 0,
+              "feature_cache_dir": str(work / "features"), "base_work_cache_dir": str(work / "base_work"),
+              "train_batch_size": 8, "num_workers": 0,
               "progress": False, "tensorboard": False, "max_steps": 10_000, "max_audio_eval_samples": 8,
               "max_vl_eval_samples": 8, "generation_max_new_tokens": 8}
     values.update(overrides)

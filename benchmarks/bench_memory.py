@@ -41,7 +41,7 @@ def measure(variant: str, fusion: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         trainer = Trainer(trainer_config(toy_world(work / "world"), work, variant=variant, fusion=fusion))
-        fill_caches(trainer)
+        fill_caches(trainer, "warm" if trainer.retention is not None else None)
         trainer.train_step()  # optimizer state and autograd buffers exist from here on
         model = trainer.model
         params = {id(p): p for p in model.parameters()}.values()

@@ -8,8 +8,10 @@ KL retention needs the gate-0 base's distribution at the answer positions of eac
   cached      the teacher's top-k logits per question are looked up (k = 32), so only the student runs;
               an upper bound on what a cache can save, reached only for questions seen before.
 Each is timed on the same real VL micro-batches (toy world, tiny preset, distractor clips attached), interleaved,
-medians of repeats. The cache's saving needs repeats: a question is a hit only from its second visit; `hit_rate`
-reports after how many optimizer steps a Stage A run on VQA v2 would see its first repeated question.
+medians of repeats. Within one run a question is a hit only from its second visit (`steps_before_first_hit`: after
+how many optimizer steps a Stage A run on VQA v2 sees its first repeated question); the base-work cache
+(safe.retention.base_work) is shared by every variant and run of a base and filled ahead by `safe cache-base`, so
+every run after the first, and every run after `cache-base`, hits from its first step.
 
     python benchmarks/bench_teacher.py [--repeats 15] [--threads 1] [--batch-size 8]
 """
@@ -113,7 +115,7 @@ def main() -> None:
         "ratio_same_batch_vs_separate": round(ms["same_batch"] / ms["separate"], 3),
         "ratio_cached_vs_separate": round(ms["cached"] / ms["separate"], 3),
         "vl_questions_per_step": vl_per_step,
-        "note": "a top-k cache saves only from a question's second visit: with VQA v2 that is after "
+        "note": "within one run a cache saves only from a question's second visit: with VQA v2 that is after "
                 "steps_before_first_hit optimizer steps at the default settings",
         "steps_before_first_hit": VQA_V2_TRAIN_QUESTIONS // vl_per_step,
         "kept": "separate",

@@ -27,6 +27,7 @@ def main() -> None:
         ("teacher", ["bench_teacher.py", *(["--repeats", "3"] if quick else [])]),
         ("eval", ["bench_eval.py", *(["--repeats", "1"] if quick else [])]),
         ("memory", ["bench_memory.py"]),
+        ("threads", ["bench_threads.py", *(["--rounds", "1", "--steps", "10"] if quick else [])]),
     ]
     summary, failed = {}, []
     for name, command in runs:

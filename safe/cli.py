@@ -24,6 +24,7 @@ COMMANDS = [
     (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
     (("export",), "safe.export", "a run's adapter as a shareable folder with a model card"),
     (("cache-features",), "safe.training.cache_features", "encode the audio clips into the feature cache ahead of training"),
+    (("cache-base",), "safe.training.cache_base", "answer the VQA training questions with the base once for every run"),
     (("data", "synth"), "safe.data.synth", "write the deterministic toy world"),
     (("data", "download"), "safe.data.download", "download and extract datasets safely"),
     (("data", "prepare"), "safe.data.prepare", "convert official AudioCaps/VQA/WavCaps/Clotho files to manifests"),

@@ -126,6 +126,9 @@ class RetentionConfig:
     protect_from_gate: float = 0.01  # Fisher and null space start once max|tanh alpha| reaches this
     distractor_prob: float = 1.0
     vl_fraction: float = 0.5  # share of micro-batches that are VL retention batches
+    base_work_cache: bool = True  # base answers + teacher logits cached once per base, shared by all runs
+    base_work_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/base_work or ~/.cache/safe/base_work
+    teacher_top_k: int = 0  # 0: cache the teacher's logits exactly; K: the top K + tail mass (error bound reported)
 
     def validate(self) -> None:
         for name in ("kl_weight", "fisher_weight", "kl_temperature", "protect_from_gate"):
@@ -139,6 +142,8 @@ class RetentionConfig:
             raise SafeError("--null-space-rank must be >= 0 and refresh intervals >= 1.")
         if self.fisher_kind not in ("true", "empirical"):
             raise SafeError(f"--fisher-kind must be true or empirical, not {self.fisher_kind!r}.")
+        if self.teacher_top_k < 0:
+            raise SafeError("--teacher-top-k must be >= 0 (0 caches the teacher exactly).")
         if self.fisher_samples < 1:
             raise SafeError("--fisher-samples must be >= 1.")
         if self.null_space_rank and self.null_space_samples < self.null_space_rank:

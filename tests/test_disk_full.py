@@ -187,14 +187,15 @@ def test_synth_that_runs_out_of_space_midway_removes_the_partial_world(small_dis
 # ----------------------------------------------------------------------------------------------- cache-features
 
 
-def test_cache_features_on_a_full_disk_is_one_sentence(small_disk, toy_world):
-    cache = small_disk / "cache"
+def test_cache_features_on_a_full_disk_is_one_sentence(mount_tmpfs, toy_world):
+    cache = mount_tmpfs("disk", "1m") / "cache"  # shards hold the toy world's 79 windows (2 MiB) without waste
     done = run_cli("cache-features", "--data-root", str(toy_world), "--feature-cache-dir", str(cache),
-                   "--num-workers", "0", "--no-progress")
+                   "--num-workers", "0", "--no-progress", "--windows", "all")
     assert done.returncode == 2, done.stdout + done.stderr
     one_sentence(done.stderr)
     assert "Not enough disk space" in done.stderr and str(cache) in done.stderr
-    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert "windows to encode: about" in done.stdout  # the estimate, said before refusing to start
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # refused before writing anything
 
 
 def test_a_feature_cache_write_on_a_full_disk_is_one_sentence(small_disk, tone_writer):
@@ -208,6 +209,7 @@ def test_a_feature_cache_write_on_a_full_disk_is_one_sentence(small_disk, tone_w
     fill(small_disk, 0)
     with pytest.raises(SafeError) as caught:
         cache.put(clip, 0, torch.ones(64, 128))
+        cache.flush()
     one_sentence(str(caught.value))
     assert "Not enough disk space" in str(caught.value) and str(small_disk / "cache") in str(caught.value)
     assert not [p for p in (small_disk / "cache").rglob("*") if p.is_file()]

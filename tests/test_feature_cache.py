@@ -1,7 +1,9 @@
-"""Frozen audio-feature cache (DESIGN §10): exact reuse, invalidation, corrupt-entry recovery, and that training
-gives the same result with and without it. Real audio files, the real tiny encoder."""
+"""Frozen audio-feature cache (docs/design.md, "Caches and their keys"): exact reuse, keys that survive a move of the
+data root and miss a changed file, sharded files whose bad entries are recovered one by one, and that training gives
+the same result with and without it. Real audio files, the real tiny encoder."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -25,12 +27,19 @@ def fresh(encoder, path, window=0):
     return encoder(torch.from_numpy(audio)[None])[0]
 
 
-def make_cache(root, encoder):
-    return FeatureCache(root, encoder.encoder_id, encoder.sample_rate, encoder.clip_seconds)
+def make_cache(root, encoder, **kwargs):
+    return FeatureCache(root, encoder.encoder_id, encoder.sample_rate, encoder.clip_seconds, **kwargs)
 
 
-def entry_files(root):
-    return sorted(p for p in root.rglob("*.safetensors"))
+def shard_files(root):
+    return sorted(root.rglob("*.shard"))
+
+
+def entry_rows(cache):
+    """(offset, size) of each entry in the cache's one shard, in write order."""
+    cache.store.refresh()
+    cache.store._merge()
+    return sorted({(int(r["offset"]), int(r["size"])) for r in cache.store._rows})  # entries and their aliases
 
 
 class EncoderOnly:
@@ -107,7 +116,9 @@ def test_changed_file_misses(tmp_path, tone_writer, encoder):
 def test_changed_encoder_misses(tmp_path, tone_writer, encoder):
     clip = tmp_path / "a.wav"
     tone_writer(clip, 2.0, 16000)
-    make_cache(tmp_path / "cache", encoder).put(clip, 0, fresh(encoder, clip))
+    first = make_cache(tmp_path / "cache", encoder)
+    first.put(clip, 0, fresh(encoder, clip))
+    first.flush()
     assert make_cache(tmp_path / "cache", encoder).get(clip, 0) is not None
     other = TinyConvEncoder(seed=1)
     assert other.encoder_id != encoder.encoder_id
@@ -117,83 +128,138 @@ def test_changed_encoder_misses(tmp_path, tone_writer, encoder):
     assert FeatureCache(tmp_path / "cache", encoder.encoder_id, 48000, 4.0).get(clip, 0) is None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "nan"])
-def test_corrupt_entry_is_deleted_and_recomputed(tmp_path, tone_writer, encoder, damage):
-    clip = tmp_path / "a.wav"
-    tone_writer(clip, 2.0, 16000)
-    root = tmp_path / "cache"
-    cache = make_cache(root, encoder)
-    expected = fresh(encoder, clip)
-    cache.put(clip, 0, expected)
-    (entry,) = entry_files(root)
-    data = entry.read_bytes()
-    if damage == "truncate":
-        entry.write_bytes(data[: len(data) // 2])
-    elif damage == "garbage":
-        entry.write_bytes(np.random.default_rng(0).bytes(len(data)))
-    elif damage == "empty":
-        entry.write_bytes(b"")
-    else:  # a well-formed file whose values are not finite
-        from safetensors.torch import save_file
-
-        from safe.data.feature_cache import checksum
-
-        nan = torch.full(expected.shape, float("nan"))
-        save_file({"features": nan}, str(entry), metadata={"key": cache.key(clip, 0), "crc32": checksum(nan)})
-    assert cache.get(clip, 0) is not None  # this process still holds the entry in memory ...
-    cache = make_cache(root, encoder)       # ... a new one (the next run, a loader worker) reads the disk
-    assert cache.get(clip, 0) is None
-    assert not entry.exists()  # detected and deleted
-    # The loader then recomputes: the dataset hands out audio again, and the entry is rewritten.
-    cache.put(clip, 0, fresh(encoder, clip))
-    assert torch.equal(cache.get(clip, 0), expected)
+def three_entries(tmp_path, tone_writer, encoder):
+    clips = [tmp_path / "world" / f"{i}.wav" for i in range(3)]
+    for i, clip in enumerate(clips):
+        tone_writer(clip, 2.0, 16000, freq=300.0 + 100 * i)
+    cache = make_cache(tmp_path / "cache", encoder, data_root=tmp_path / "world")
+    expected = [fresh(encoder, clip) for clip in clips]
+    for clip, features in zip(clips, expected):
+        cache.put(clip, 0, features)
+    cache.flush()
+    (shard,) = shard_files(tmp_path / "cache")
+    return clips, expected, shard
 
 
-def test_entry_of_another_key_is_rejected(tmp_path, tone_writer, encoder):
-    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
-    tone_writer(a, 2.0, 16000, freq=300.0)
-    tone_writer(b, 2.0, 16000, freq=600.0)
-    root = tmp_path / "cache"
-    cache = make_cache(root, encoder)
-    cache.put(a, 0, fresh(encoder, a))
-    cache.put(b, 0, fresh(encoder, b))
-    file_a, file_b = cache._file(cache.key(a, 0)), cache._file(cache.key(b, 0))
-    file_a.write_bytes(file_b.read_bytes())  # b's entry under a's name
-    cache = make_cache(root, encoder)        # a new process: nothing in memory
-    assert cache.get(a, 0) is None and not file_a.exists()
-    assert torch.equal(cache.get(b, 0), fresh(encoder, b))
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_bad_entry_in_a_shard_is_recovered_alone(tmp_path, tone_writer, encoder, damage, capsys):
+    clips, expected, shard = three_entries(tmp_path, tone_writer, encoder)
+    rows = entry_rows(make_cache(tmp_path / "cache", encoder))
+    data = bytearray(shard.read_bytes())
+    victim = 1 if damage == "flip" else 2
+    offset, size = rows[victim]
+    if damage == "flip":  # one low mantissa bit of one value deep inside the entry: still a plausible float
+        data[offset + size - 401] ^= 0x01
+    else:                 # the last entry cut short
+        data = data[: offset + size // 2]
+    shard.write_bytes(bytes(data))
+    cache = make_cache(tmp_path / "cache", encoder, data_root=tmp_path / "world")  # a new process: nothing in memory
+    got = [cache.get(clip, 0) for clip in clips]
+    assert got[victim] is None and cache.rejected == 1
+    assert "fails its checksum or is cut short" in capsys.readouterr().err
+    for i in set(range(3)) - {victim}:           # the shard's other entries still serve, bit for bit
+        assert torch.equal(got[i], expected[i])
+    cache.put(clips[victim], 0, fresh(encoder, clips[victim]))  # what the loader does after a miss
+    cache.flush()
+    again = make_cache(tmp_path / "cache", encoder, data_root=tmp_path / "world")
+    assert torch.equal(again.get(clips[victim], 0), expected[victim]) and again.rejected == 0  # newest copy first
 
 
-def test_a_flipped_bit_fails_the_checksum_is_counted_and_recomputed(tmp_path, tone_writer, encoder, capsys):
-    clip = tmp_path / "a.wav"
-    tone_writer(clip, 2.0, 16000)
-    root = tmp_path / "cache"
-    expected = fresh(encoder, clip)
-    make_cache(root, encoder).put(clip, 0, expected)
-    (entry,) = entry_files(root)
-    data = bytearray(entry.read_bytes())
-    values_start = 8 + int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, then values
-    data[values_start + 401] ^= 0x01  # one low mantissa bit of one value: still a finite, plausible feature
-    entry.write_bytes(bytes(data))
-    cache = make_cache(root, encoder)  # a new process: nothing in memory
-    assert cache.get(clip, 0) is None  # a miss, so the loader decodes and encodes the clip again
-    assert cache.rejected == 1 and not entry.exists()
-    assert f"{entry} fails its checksum" in capsys.readouterr().err
-    cache.put(clip, 0, fresh(encoder, clip))
-    assert torch.equal(make_cache(root, encoder).get(clip, 0), expected)
+def test_a_damaged_index_costs_its_entries_only(tmp_path, tone_writer, encoder, capsys):
+    clips, expected, _ = three_entries(tmp_path, tone_writer, encoder)
+    (index,) = sorted((tmp_path / "cache").rglob("*.index"))
+    index.write_bytes(b"garbage")
+    cache = make_cache(tmp_path / "cache", encoder, data_root=tmp_path / "world")
+    assert all(cache.get(clip, 0) is None for clip in clips) and cache.rejected == 1
+    assert "cannot be read" in capsys.readouterr().err
 
 
-def test_an_entry_without_a_checksum_is_recomputed(tmp_path, tone_writer, encoder):
-    from safetensors.torch import save_file
-
+def test_non_finite_features_are_not_served(tmp_path, tone_writer, encoder):
     clip = tmp_path / "a.wav"
     tone_writer(clip, 2.0, 16000)
     cache = make_cache(tmp_path / "cache", encoder)
-    file = cache._file(cache.key(clip, 0))
-    file.parent.mkdir(parents=True)
-    # The format before checksums: the key only.
-    save_file({"features": fresh(encoder, clip).contiguous()}, str(file), metadata={"key": cache.key(clip, 0)})
-    assert cache.get(clip, 0) is None and cache.rejected == 1 and not file.exists()
+    cache.put(clip, 0, torch.full(fresh(encoder, clip).shape, float("nan")))
+    cache.flush()
+    assert make_cache(tmp_path / "cache", encoder).get(clip, 0) is None
+
+
+def test_an_entry_survives_moving_the_data_root(tmp_path, tone_writer, encoder):
+    from safe.data import file_identity
+
+    old, new = tmp_path / "scratch_a" / "data", tmp_path / "scratch_b" / "staged"
+    clip = old / "audiocaps" / "audio" / "x.wav"
+    tone_writer(clip, 6.0, 16000)
+    cache = make_cache(tmp_path / "cache", encoder, data_root=old)
+    expected = [fresh(encoder, clip, w) for w in (0, 1)]
+    for window, features in enumerate(expected):
+        cache.put(clip, window, features)
+    cache.flush()
+    new.parent.mkdir(parents=True)
+    shutil.move(str(old), str(new))              # re-staged elsewhere (new absolute paths, new mtimes on a copy)
+    moved = new / "audiocaps" / "audio" / "x.wav"
+    os.utime(moved, ns=(0, 10**18))
+    cache = make_cache(tmp_path / "cache", encoder, data_root=new)
+    for window in (0, 1):
+        assert torch.equal(cache.get(moved, window), expected[window])
+    cache.flush()                                # records the new location as an alias
+    file_identity._content_hash.cache_clear()
+    later = make_cache(tmp_path / "cache", encoder, data_root=new)
+    assert torch.equal(later.get(moved, 1), expected[1])
+    assert file_identity._content_hash.cache_info().misses == 0  # found by location: the clip was not hashed again
+
+
+def test_shards_hold_many_entries_and_the_index_finds_each(tmp_path, tone_writer, encoder):
+    clips = [tmp_path / f"{i}.wav" for i in range(12)]
+    for i, clip in enumerate(clips):
+        tone_writer(clip, 2.0, 16000, freq=200.0 + 50 * i)
+    features = [fresh(encoder, clip) for clip in clips]
+    from safetensors.torch import save
+
+    from safe.data.feature_cache import FORMAT
+
+    per_entry = len(save({"features": features[0].contiguous()}, metadata={"format": FORMAT}))
+    assert per_entry <= FeatureCache.entry_bytes(features[0])                 # the size estimate is an upper bound
+    cache = make_cache(tmp_path / "cache", encoder, shard_bytes=5 * per_entry)  # a shard every 5 entries
+    for clip, f in zip(clips, features):
+        cache.put(clip, 0, f)
+    cache.flush()
+    assert len(shard_files(tmp_path / "cache")) == 3                      # 5 + 5 + 2 entries
+    assert len(list((tmp_path / "cache").rglob("*.index"))) == 3
+    reader = make_cache(tmp_path / "cache", encoder, memory_mb=0)
+    assert all(torch.equal(reader.get(c, 0), f) for c, f in zip(clips, features))
+
+
+def test_a_v1_cache_is_named_for_a_rebuild(tmp_path, tone_writer, encoder, capsys):
+    old = tmp_path / "cache" / "d162739ae03a91f1" / "ab"
+    old.mkdir(parents=True)
+    (old / "ab12.safetensors").write_bytes(b"v1 entry")
+    clip = tmp_path / "a.wav"
+    tone_writer(clip, 2.0, 16000)
+    cache = make_cache(tmp_path / "cache", encoder)
+    assert cache.get(clip, 0) is None
+    err = capsys.readouterr().err
+    assert "older one-file-per-window format (v1" in err and "d162739ae03a91f1" in err and "delete" in err
+
+
+def test_pre_pool_grid_is_what_the_projector_consumes():
+    from safe.models.projector import AudioProjector, pre_pool
+
+    torch.manual_seed(0)
+    projector = AudioProjector(feature_dim=12, hidden_size=8, num_tokens=16, pre_pool_steps=32)
+    assert projector.grid == 32
+    clap_like = torch.randn(3, 64, 12)                                    # CLAP: 64 patches
+    cached = pre_pool(clap_like, projector.grid)
+    assert cached.shape == (3, 32, 12)
+    assert torch.equal(projector(cached), projector(clap_like))          # lossless for the projector, bit for bit
+    # For T a multiple of the grid, the two poolings are one pooling to k (to float rounding).
+    one_stage = torch.nn.functional.adaptive_avg_pool1d(clap_like.transpose(1, 2), 16).transpose(1, 2)
+    two_stage = torch.nn.functional.adaptive_avg_pool1d(cached.transpose(1, 2), 16).transpose(1, 2)
+    torch.testing.assert_close(two_stage, one_stage, rtol=1e-6, atol=1e-6)
+    whisper_like = torch.randn(2, 500, 12, dtype=torch.bfloat16)          # 10 s of Whisper frames, bf16 on GPU
+    assert pre_pool(whisper_like, 32).dtype == torch.bfloat16
+    assert torch.equal(projector(pre_pool(whisper_like, 32)), projector(whisper_like))
+    short = torch.randn(1, 20, 12)
+    assert pre_pool(short, 32) is short                                   # fewer steps than the grid: kept
 
 
 def test_memory_layer_serves_repeats_and_still_misses_a_changed_file(tmp_path, tone_writer, encoder):
@@ -203,8 +269,7 @@ def test_memory_layer_serves_repeats_and_still_misses_a_changed_file(tmp_path, t
     cache = make_cache(root, encoder)
     expected = fresh(encoder, clip)
     cache.put(clip, 0, expected)
-    (entry,) = entry_files(root)
-    entry.unlink()                               # served from memory, no file read
+    cache.store._pending.clear()                 # never written: served from memory, no file read
     assert torch.equal(cache.get(clip, 0), expected)
     assert cache.contains(clip, 0)
     stat = clip.stat()
@@ -222,6 +287,7 @@ def test_memory_layer_keeps_to_its_budget(tmp_path, tone_writer, encoder):
     cache = FeatureCache(tmp_path / "cache", encoder.encoder_id, 16000, 4.0, memory_mb=2.5 * entry_bytes / 2**20)
     for clip, feature in zip(clips, features):
         cache.put(clip, 0, feature)
+    cache.flush()
     assert len(cache._memory) == 2 and cache._memory_used <= cache.memory_bytes  # the oldest was evicted
     assert all(torch.equal(cache.get(c, 0), f) for c, f in zip(clips, features))  # the evicted one from disk
     off = FeatureCache(tmp_path / "cache", encoder.encoder_id, 16000, 4.0, memory_mb=0)
@@ -232,7 +298,9 @@ def test_entries_held_in_memory_do_not_keep_their_files_mapped(tmp_path, tone_wr
     clips = [tmp_path / f"{i}.wav" for i in range(5)]
     for i, clip in enumerate(clips):
         tone_writer(clip, 2.0, 16000, freq=300.0 + 50 * i)
-        make_cache(tmp_path / "cache", encoder).put(clip, 0, fresh(encoder, clip))
+        writer = make_cache(tmp_path / "cache", encoder)
+        writer.put(clip, 0, fresh(encoder, clip))
+        writer.flush()
     reader = make_cache(tmp_path / "cache", encoder)
     held = [reader.get(clip, 0) for clip in clips]
     assert all(h is not None for h in held) and len(reader._memory) == 5
@@ -247,6 +315,7 @@ def test_pickled_cache_starts_with_an_empty_memory(tmp_path, tone_writer, encode
     tone_writer(clip, 2.0, 16000)
     cache = make_cache(tmp_path / "cache", encoder)
     cache.put(clip, 0, fresh(encoder, clip))
+    cache.flush()
     copy = pickle.loads(pickle.dumps(cache))     # what a DataLoader worker receives
     assert not copy._memory and copy._memory_used == 0
     assert torch.equal(copy.get(clip, 0), cache.get(clip, 0))
@@ -287,7 +356,8 @@ def test_training_identical_with_and_without_cache(tmp_path, toy_world):
     steps = 3
     without, _ = train(False, "off", steps)
     cold, trainer = train(True, "cold", steps)  # fills the cache
-    assert list((tmp_path / "features").rglob("*.safetensors"))
+    trainer.feature_cache.flush()
+    assert list((tmp_path / "features").rglob("*.shard"))
     warm, _ = train(True, "warm", steps)         # reads it back
     for name in without:
         assert torch.equal(without[name], cold[name]), name

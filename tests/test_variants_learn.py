@@ -62,6 +62,8 @@ def test_every_variant_learns_to_caption_and_opens_the_gate(toy_world, tmp_path,
         assert null[0]["step"] > 0                               # not at the closed gate
     if variant != "no_retention":
         assert metrics["training"]["vl_samples"] > 0
+        cache = metrics["training"]["base_work_cache"]  # KL targets came from, or went to, the base-work cache
+        assert cache["hits"] + cache["stored"] > 0
     assert metrics["validation"]["gate0_exact"] is True
 
 

@@ -277,6 +277,7 @@ def collate_samples(items: list[dict]) -> dict:
             batch["pixel_values"] = None
             batch["images"] = [item.get("image") for item in good]
         batch["questions"] = [item["question"] for item in good]
+        batch["image_paths"] = [item["image_path"] for item in good]
         batch["answers"] = [item["answers"] for item in good]
         batch["multiple_choice_answers"] = [item["multiple_choice_answer"] for item in good]
         batch["answer_types"] = [item["answer_type"] for item in good]

@@ -22,6 +22,7 @@ class ModelPreset:
     audio_features: str = "patch"            # CLAP: patch sequence (default) or pooled vector
     clip_seconds: float = 10.0
     num_audio_tokens: int = 16               # k
+    pre_pool_steps: int | None = 32          # projector's fixed pre-pool grid (what the feature cache stores); None: off
     fusion: str = "xattn"                    # xattn | prefix
     xattn_layers: tuple[int, ...] | None = None   # None -> spread over depth
     num_xattn_layers: int = 3
@@ -74,8 +75,8 @@ class ModelPreset:
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(name="tiny", base_model="tiny", audio_encoder="tiny", clip_seconds=4.0,
-                        num_audio_tokens=8, num_xattn_layers=2, xattn_heads=4, prompt_style="tiny",
-                        pad_to_square=False),
+                        num_audio_tokens=8, pre_pool_steps=None, num_xattn_layers=2, xattn_heads=4,
+                        prompt_style="tiny", pad_to_square=False),
     "llava-1.5-7b": ModelPreset(name="llava-1.5-7b", base_model="llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ModelPreset(name="llava-1.5-13b", base_model="llava-hf/llava-1.5-13b-hf"),
 }

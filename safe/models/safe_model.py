@@ -118,7 +118,8 @@ class SAFEModel(nn.Module):
         self._input_embeddings = [base.get_input_embeddings()]  # a list: not registered as a second child module
         embed = self._input_embeddings[0].weight
         out_scale = 1.0 if embed.device.type == "meta" else float(embed.detach().float().pow(2).mean().sqrt())
-        self.projector = AudioProjector(audio_encoder.feature_dim, hidden, preset.num_audio_tokens, out_scale)
+        self.projector = AudioProjector(audio_encoder.feature_dim, hidden, preset.num_audio_tokens, out_scale,
+                                        preset.pre_pool_steps)
         self.fusion: XAttnFusion | None = None
         if preset.fusion == "xattn":
             layers = preset.xattn_layers or default_xattn_layers(text_cfg.num_hidden_layers, preset.num_xattn_layers)
@@ -317,7 +318,7 @@ class SAFEModel(nn.Module):
                 "preset": self.preset.to_dict(), "audio_encoder": self.audio_encoder.encoder_id,
                 "audio_encoder_fingerprint": encoder_fingerprint(self.audio_encoder),
                 "feature_dim": self.audio_encoder.feature_dim, "fusion": self.preset.fusion,
-                "num_audio_tokens": self.preset.num_audio_tokens,
+                "num_audio_tokens": self.preset.num_audio_tokens, "pre_pool_grid": self.projector.grid,
                 "xattn_layers": list(self.fusion.layer_ids) if self.fusion is not None else None,
                 "xattn_gate": self.preset.xattn_gate if self.fusion is not None else None,
                 "lora_rank": self.preset.lora_rank, "shapes": shapes}
@@ -397,6 +398,9 @@ class SAFEModel(nn.Module):
             if saved.get(key) != self.trainable_config_value(key):
                 raise SafeError(f"The trainable state in {directory} has {key}={saved.get(key)!r} but this model "
                                 f"has {self.trainable_config_value(key)!r}; build the model with the same setting.")
+        if "pre_pool_grid" in saved and saved["pre_pool_grid"] != self.projector.grid:
+            raise SafeError(f"The trainable state in {directory} was trained on a {saved['pre_pool_grid']}-step "
+                            f"pre-pool grid but this model pools to {self.projector.grid}; use the same preset.")
         mine_layers = list(self.fusion.layer_ids) if self.fusion is not None else None
         if saved.get("xattn_layers") != mine_layers:
             raise SafeError(f"The trainable state in {directory} has adapters after layers {saved.get('xattn_layers')} "

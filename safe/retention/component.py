@@ -35,16 +35,18 @@ DISTRACTOR_SALT, FISHER_SALT, NULL_SPACE_SALT = 7, 11, 13
 class Retention:
     def __init__(self, model, config, next_vl_batch: Callable[[], dict], distractors: Callable[[list], torch.Tensor],
                  autocast: Callable = contextlib.nullcontext, reduce: Callable | None = None,
-                 log: Callable[[dict], None] = lambda record: None):
+                 log: Callable[[dict], None] = lambda record: None, base_work=None):
         """``next_vl_batch()`` returns the next collated VQA training batch; ``distractors(keys)`` returns encoder
         features of one training clip per key (the same keys, the same clips); ``reduce(tensors)`` averages a dict
-        of tensors across ranks (identity in one process)."""
+        of tensors across ranks (identity in one process); ``base_work`` (a safe.retention.base_work.BaseWorkCache,
+        or None) holds base answers and teacher logits shared by every run of this base."""
         self.model, self.config, self.settings = model, config, config.retention
         self.next_vl_batch, self.distractors, self.autocast = next_vl_batch, distractors, autocast
         self.reduce = reduce or (lambda tensors: tensors)
         self.log = log
         self.params = model.named_trainable_parameters()
         self.base_answers: dict[str, str] = {}  # gate-0 greedy answers to training questions: the KL targets
+        self.base_work = base_work
         self.fisher = FisherPenalty(self.params) if self.settings.fisher_weight > 0 else None
         self.null_space = NullSpaceProjector(self.params, self.settings.null_space_rank) \
             if self.settings.null_space_rank > 0 else None
@@ -55,6 +57,8 @@ class Retention:
     def _base_answers(self, collated: dict) -> list[str]:
         """The base model's own greedy answers (gate 0): what KL retention keeps. Computed once per question."""
         ids = [str(i) for i in collated["ids"]]
+        if self.base_work is not None:
+            self.base_answers.update(self.base_work.answers(collated))
         missing = [i for i, key in enumerate(ids) if key not in self.base_answers]
         if missing:
             pixels = collated["pixel_values"]
@@ -85,11 +89,19 @@ class Retention:
     # ------------------------------------------------------------------------------------------ KL
 
     def kl(self, batch) -> torch.Tensor:
-        """T²·KL(p_base ‖ p_safe) on the answer positions; the teacher is the gate-0 model, logits in fp32."""
-        with torch.no_grad():
-            teacher = self.model(batch.with_audio(None), gate=0.0).answer_logits().float()
+        """T²·KL(p_base ‖ p_safe) on the answer positions; the teacher is the gate-0 model, logits in fp32 (from the
+        base-work cache when it holds the batch: then only the student runs)."""
+        teacher = self.base_work.teacher(batch) if self.base_work is not None else None
+        if teacher is None:
+            with torch.no_grad():
+                logits = self.model(batch.with_audio(None), gate=0.0).answer_logits()
+            if self.base_work is not None:
+                self.base_work.put(batch, logits, [self.base_answers[str(i)] for i in batch.ids])
+            teacher = logits.float()
         with self.autocast():
             student = self.model(batch, gate=1.0).answer_logits()
+        if not torch.is_tensor(teacher):  # a cached top-k teacher: the bucketed KL, its error bound reported
+            return teacher.kl(student, self.settings.kl_temperature)
         mask = torch.ones(student.shape[0], device=student.device)
         return kl_distillation(student, teacher, mask, self.settings.kl_temperature)
 
@@ -221,4 +233,8 @@ def build_retention(model, config, **collaborators) -> Retention | None:
     """The run's retention component; None for variants without VL retention (no_retention)."""
     if not config.retention.use_vl:
         return None
+    if "base_work" not in collaborators:
+        from safe.retention.base_work import BaseWorkCache
+
+        collaborators["base_work"] = BaseWorkCache.for_run(model, config, log=collaborators.get("log"))
     return Retention(model, config, **collaborators)

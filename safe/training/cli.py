@@ -92,6 +92,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default 0.01)")
     add("--distractor-prob", type=float)
     add("--vl-fraction", type=float, help="share of micro-batches that are VL retention batches")
+    _bool_flag(parser, "base-work-cache", "cache the base's answers and teacher logits on the VQA training questions "
+               "once per base, shared by every variant and run (default on; `safe cache-base` fills it ahead)")
+    add("--base-work-cache-dir", help="base-work cache folder (default $SAFE_CACHE_DIR/base_work)")
+    add("--teacher-top-k", type=int, help="cache the teacher's top K logits + tail mass instead of all of them "
+        "(default 0: exact); the KL's error bound is logged")
     add("--on-bad-sample", choices=("skip", "error"))
     _bool_flag(parser, "feature-cache", "cache frozen audio-encoder outputs on disk (default on)")
     add("--feature-cache-dir", help="feature cache folder (default $SAFE_CACHE_DIR/features)")

@@ -32,5 +32,8 @@ def audio_settings(config) -> tuple[int, float]:
 
 def build_model(config, device: torch.device):
     from safe.models.factory import build_safe_model
+    from safe.threads import set_intra_op_threads
 
-    return build_safe_model(preset_for(config), device=device)
+    preset = preset_for(config)
+    set_intra_op_threads(preset, device)
+    return build_safe_model(preset, device=device)

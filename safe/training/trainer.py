@@ -345,6 +345,10 @@ class Trainer:
 
     def save(self) -> None:
         """Rank 0 writes (all ranks hold the same trainable state); the others wait for it."""
+        # Cache entries this run computed reach the disk with the checkpoint, so a resumed run reads the same bits.
+        for cache in (self.feature_cache, self.retention.base_work if self.retention is not None else None):
+            if cache is not None:
+                cache.flush()
         if self.is_main:
             meta = {"variant": self.config.train.variant, "total_steps": self.total_steps,
                     "world_size": self.dist.world_size}
@@ -484,6 +488,8 @@ class Trainer:
             "training": {"variant": train.variant, "step": self.step, "total_steps": self.total_steps,
                          "status": status, **{k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"},
                          "vl_samples": vl_samples, "max_abs_tanh_alpha": self.max_abs_tanh_alpha(),
+                         "base_work_cache": self.retention.base_work.stats
+                         if self.retention is not None and self.retention.base_work is not None else None,
                          "wavcaps_dropped_overlap": self.data.wavcaps_dropped_overlap,
                          "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config),
                          "source_mix": self.audio_stream.source_mix()},

@@ -29,3 +29,8 @@ def add_verbose_flag(parser) -> None:
     if not any("--verbose" in action.option_strings for action in parser._actions):
         parser.add_argument("--verbose", action="store_true",
                             help="also show the progress bars of transformers and huggingface_hub")
+
+
+def note(message: str) -> None:
+    """A progress note (a model build, a load): stderr, so a command's own output on stdout stays parseable."""
+    print(message, file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ COLUMNS = [
     ("vl_distractor_delta_ci", "validation", "vl_distractor_delta_ci",
      "paired bootstrap 95 % interval of vl_distractor_delta"),
     ("vl_n", "validation", "vl_samples", "VQA questions evaluated"),
-    ("max_tanh_alpha", "training", "max_abs_tanh_alpha", "largest |tanh(alpha)| of the fusion gates (0 = closed)"),
+    ("max_tanh_alpha", "training", "max_abs_tanh_alpha", "largest |gate| of the fusion gates: |tanh(alpha)|, per-token gates over the last batch (0 = closed)"),
     ("gate0_exact", "validation", "gate0_exact", "gate 0 / no audio gives logits bit-identical to the base"),
     ("samples_per_s", "throughput", "samples_per_second", "training samples per second"),
 ]

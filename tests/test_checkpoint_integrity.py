@@ -41,6 +41,8 @@ def pointer(run_dir: Path) -> Path:
 
 def make_run(root: Path, name: str, steps, model, state) -> Path:
     run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"train": {"variant": "soft_retention"}}}))
     for step in steps:
         save_checkpoint(run, step, model, {**state, "step": step}, {"variant": "soft_retention"})
     return run
@@ -180,6 +182,6 @@ def test_everything_a_run_writes_has_one_file_mode_honouring_the_umask(tmp_path)
         assert {"metrics.json", "config.json", "train_log.jsonl", "checkpoints/latest.json",
                 "checkpoints/step_00000001/trainable.safetensors", "checkpoints/step_00000001/trainer_state.pt",
                 "checkpoints/step_00000001/meta.json", "data/m.jsonl"} <= set(files)
-        assert any(path.endswith(".safetensors") and path.startswith("cache/") for path in files)
+        assert any(path.endswith(".shard") and path.startswith("cache/") for path in files)  # feature shards
         assert {path: mode for path, mode in files.items() if mode != file_mode} == {}, name
         assert {path: mode for path, mode in dirs.items() if mode != dir_mode} == {}, name

@@ -4,6 +4,7 @@ duplicates, Ctrl-C checkpoints, failures are recorded, and a kill -9 anywhere re
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -69,7 +70,8 @@ def trainable(run_dir: Path) -> dict:
 
 def test_resume_keeps_the_saved_settings_and_refuses_changed_ones(toy_world, tmp_path):
     run_dir = interrupted_run(toy_world, tmp_path, variant="soft_retention", max_steps=4)
-    with pytest.raises(SafeError, match=r"--lr-adapter is 0\.5 but .* was started with 0\.0001"):
+    started = json.loads((run_dir / "config.json").read_text())["config"]["train"]["lr_adapter"]
+    with pytest.raises(SafeError, match=rf"--lr-adapter is 0\.5 but .* was started with {re.escape(str(started))};"):
         Trainer(config(toy_world, tmp_path, variant="soft_retention", max_steps=4, lr_adapter=0.5, resume=str(run_dir)))
     with pytest.raises(SafeError, match="--variant is 'full_retention'"):
         Trainer(config(toy_world, tmp_path, variant="full_retention", max_steps=4, resume=str(run_dir)))

@@ -81,6 +81,11 @@ class ShardStore:
         self._loaded_at = None
         self._files: OrderedDict[int, int] = OrderedDict()
 
+    def __del__(self):
+        # A store dropped before exit (the atexit hook only holds a weak reference) writes what it still holds.
+        if getattr(self, "_pending", None):
+            _flush_at_exit(lambda: self)
+
     def __getstate__(self):
         # A copy for a loader worker: it reads what is on disk, and writes nothing (pending entries stay here).
         state = {**self.__dict__, "_pending": OrderedDict(), "_pending_aliases": {}, "_pending_bytes": 0,

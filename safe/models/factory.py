@@ -13,6 +13,8 @@ from safe.models.meta import KNOWN_BASES, build_on_meta, count_parameters  # noq
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
 from safe.models.staging import require_models
+from safe.quiet import note
+
 
 def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: Path | None = None) -> FrozenAudioEncoder:
     kind, name = preset.audio_encoder, preset.encoder_path
@@ -57,7 +59,7 @@ def padding_image_processor(image_processor):
     return LlavaImageProcessorPil(**settings, do_pad=True)
 
 
-def load_base(preset: ModelPreset, device=None, dtype=None, log=print):
+def load_base(preset: ModelPreset, device=None, dtype=None, log=note):
     """(base model, processor, base name, tiny cache dir or None)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -78,7 +80,7 @@ def load_base(preset: ModelPreset, device=None, dtype=None, log=print):
 
 
 def build_safe_model(preset: ModelPreset, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None, log=print) -> SAFEModel:
+                     dtype: torch.dtype | None = None, log=note) -> SAFEModel:
     """The SAFE model of ``preset`` on ``device`` (frozen parts in ``dtype``: bf16 on GPU, fp32 on CPU)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
@@ -91,7 +93,7 @@ def build_safe_model(preset: ModelPreset, device: str | torch.device | None = No
     return SAFEModel(base, processor, encoder, preset, base_name=name)
 
 
-def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None = None, log=print) -> FrozenAudioEncoder:
+def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None = None, log=note) -> FrozenAudioEncoder:
     """The preset's frozen audio encoder alone, loaded exactly as build_safe_model loads it (same weights,
     device and dtype), so features computed with it land on the trainer's feature-cache entries."""
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -55,6 +55,7 @@ class XAttnAdapter(nn.Module):
         # Per-token gate: a linear read of the normalised query state added to alpha; zero-initialised, so it
         # starts as the per-layer gate (and, with alpha = 0, as the identity) yet has a gradient from step 0.
         self.token_gate = nn.Linear(hidden_size, 1) if gate == "token" else None
+        self.token_gate_seen: torch.Tensor | None = None  # max |gate| over the tokens of the last audio forward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,10 +87,20 @@ class XAttnAdapter(nn.Module):
             return torch.tanh(self.alpha)
         return torch.tanh(self.alpha + self.token_gate(self.norm(hidden)))
 
+    def openness(self) -> float:
+        """How open this gate is: |tanh(alpha)|, or for the token gate the largest |gate| it applied to a token in
+        its last forward with audio (alpha alone would miss a gate opened by its token weights)."""
+        if self.token_gate is not None and self.token_gate_seen is not None:
+            return float(self.token_gate_seen)
+        return float(torch.tanh(self.alpha.detach()).abs())
+
     def forward(self, hidden: torch.Tensor, audio: torch.Tensor, gate: float) -> torch.Tensor:
         dtype = self.q.weight.dtype
         hidden_in = hidden.to(dtype)
-        update = self.delta(hidden_in, audio.to(dtype)) * (gate * self.gate_values(hidden_in))
+        values = self.gate_values(hidden_in)
+        if self.token_gate is not None:
+            self.token_gate_seen = values.detach().abs().amax()   # a tensor: no device sync in the forward
+        update = self.delta(hidden_in, audio.to(dtype)) * (gate * values)
         return hidden + update.to(hidden.dtype)
 
 

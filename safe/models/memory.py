@@ -59,7 +59,7 @@ def activation_bytes(shapes: StepShapes, batch: int, seq_len: int, act_bytes: in
     """Bytes autograd keeps for one micro-batch of ``batch`` rows of ``seq_len`` tokens (prefix fusion adds its
     audio tokens); ``loss_positions`` per row carry the cross-entropy (default: every position). With activation
     checkpointing a layer keeps only its input, and one layer at a time is recomputed in full."""
-    h, i, a = shapes.hidden, shapes.intermediate, act_bytes
+    h, a = shapes.hidden, act_bytes
     tokens = batch * (seq_len + (shapes.audio_tokens if shapes.fusion == "prefix" else 0))
     layer = recompute_bytes_per_token(shapes, act_bytes)
     # Checkpointed, a layer keeps its input and the rotary cos/sin it was called with.

@@ -16,6 +16,8 @@ from safe.models.audio_encoders import FrozenAudioEncoder, TinyConvEncoder
 from safe.models.loading import looks_like_path
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
+from safe.quiet import note
+
 
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
 KNOWN_BASES = {
@@ -46,7 +48,7 @@ def _cached_config(cls, name: str):
         return None
 
 
-def base_config(preset: ModelPreset, log=print):
+def base_config(preset: ModelPreset, log=note):
     """(the base's LlavaConfig, where it came from, in words)."""
     from transformers import AutoConfig
 
@@ -92,7 +94,7 @@ class _MetaEncoder(FrozenAudioEncoder):
         self.sample_rate, self.clip_seconds = 0, 0.0
 
 
-def build_on_meta(preset: ModelPreset, log=print) -> SAFEModel:
+def build_on_meta(preset: ModelPreset, log=note) -> SAFEModel:
     """The preset's SAFE model with every weight on the meta device (no memory, no download)."""
     from transformers import LlavaForConditionalGeneration
 

@@ -175,7 +175,7 @@ class Retention:
         """Re-estimate the Fisher and the null-space basis when due, once the audio path is open."""
         if self.fisher is None and self.null_space is None:
             return
-        if not audio_path_open(self.params, self.settings.protect_from_gate):
+        if not audio_path_open(self.model, self.settings.protect_from_gate):
             return
         if self.fisher is not None and (self.fisher.fisher is None or step % self.settings.fisher_refresh == 0):
             used = self.fisher.estimate(((lambda b=b: self._nll(b)) for b in self._fisher_batches(step)),

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from safe.models.fusion import XAttnAdapter
 from safe.models.fusion import is_gate  # noqa: F401  (re-exported: the retention code asks here)
 
 
-def gate_openness(params: dict[str, torch.nn.Parameter]) -> float | None:
-    """max_l |tanh α_l| (0 at the start); None when there are no gates (prefix fusion)."""
-    alphas = [p.detach().reshape(-1) for name, p in params.items() if name.endswith(".alpha")]
-    if not alphas:
+def gate_openness(model: torch.nn.Module) -> float | None:
+    """The largest gate over the xattn adapters: max_l |tanh α_l| (0 at the start), or for per-token gates the
+    largest |gate| applied to a token in the last forward with audio; None when there are no gates (prefix fusion)."""
+    adapters = [m for m in model.modules() if isinstance(m, XAttnAdapter)]
+    if not adapters:
         return None
-    return float(torch.tanh(torch.cat(alphas)).abs().max())
+    return max(adapter.openness() for adapter in adapters)
 
 
-def audio_path_open(params: dict[str, torch.nn.Parameter], threshold: float) -> bool:
+def audio_path_open(model: torch.nn.Module, threshold: float) -> bool:
     """True once the gates have opened past ``threshold`` (always, for fusion without gates)."""
-    openness = gate_openness(params)
+    openness = gate_openness(model)
     return openness is None or openness >= threshold

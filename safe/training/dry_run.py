@@ -21,6 +21,7 @@ import numpy as np
 
 from safe.models.memory import (GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes,
                                 training_state_bytes)
+from safe.quiet import note
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 WORDS_TO_TOKENS = 1.3          # Llama's tokenizer on English captions, when no tokenizer is at hand
@@ -42,7 +43,7 @@ def padded_lengths(lengths: list[int], batch: int, seed: int = 0) -> Lengths:
     return Lengths(float(draws.mean()), int(draws.max()))
 
 
-def token_counter(preset, log=print):
+def token_counter(preset, log=note):
     """(count(texts) -> token counts without the leading bos, how they were counted)."""
     from transformers import AutoTokenizer
 
@@ -93,7 +94,7 @@ def active_parameters(model) -> int:
         sum(p.numel() for p in model.trainable_parameters())
 
 
-def model_figures(config, log=print) -> dict:
+def model_figures(config, log=note) -> dict:
     """Part 1, the model alone: parameters, weight memory, where each model comes from."""
     from safe.models.meta import base_config, build_on_meta, count_parameters
     from safe.models.staging import cached_snapshot, hub_models
@@ -118,7 +119,7 @@ def model_figures(config, log=print) -> dict:
 
 
 def data_figures(config, figures: dict, data, world_size: int = 1, results_dir: Path = RESULTS_DIR,
-                 log=print) -> dict:
+                 log=note) -> dict:
     """Part 2, from the checked data: tokens, activation memory, steps, time."""
     from safe.models.prompts import get_style
     from safe.training.data import item_texts

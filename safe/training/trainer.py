@@ -451,8 +451,8 @@ class Trainer:
                 "lr_projector": self.optimizer.param_groups[0]["lr"], "max_abs_tanh_alpha": self.max_abs_tanh_alpha()}
 
     def max_abs_tanh_alpha(self) -> float | None:
-        """How open the fusion gates are: the largest |tanh(alpha)| (None for prefix fusion, which has none)."""
-        return gate_openness(self.params)
+        """How open the fusion gates are: the largest |gate| (None for prefix fusion, which has none)."""
+        return gate_openness(self.model)
 
     # ---------------------------------------------------------------------------------------- run
 
@@ -470,6 +470,10 @@ class Trainer:
                             f"{self.run_dir}` to evaluate it again.") from exc
         self.history = [h for h in self.history if h.get("step") != self.step] + [metrics]
         self.logger.log({"event": "eval", **metrics})
+        mix = self.audio_stream.source_mix()
+        if mix:  # flat keys (wavcaps_realised, ...) so the trackers plot the realised mix as well
+            self.logger.log({"event": "source_mix", "step": self.step, **{
+                f"{name}_{key}": value for name, figures in mix.items() for key, value in figures.items()}})
         self.write_metrics()
         faults.reached("metrics")
         return metrics

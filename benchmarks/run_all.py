@@ -28,6 +28,7 @@ def main() -> None:
         ("eval", ["bench_eval.py", *(["--repeats", "1"] if quick else [])]),
         ("memory", ["bench_memory.py"]),
         ("threads", ["bench_threads.py", *(["--rounds", "1", "--steps", "10"] if quick else [])]),
+        ("tiny_base", ["bench_tiny_base.py"]),
     ]
     summary, failed = {}, []
     for name, command in runs:

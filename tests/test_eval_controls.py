@@ -137,3 +137,60 @@ def test_eval_distractors_are_clips_never_trained_on(toy_world):
 
     clips, source = eval_distractor_clips({"val": data.audio_val}, data.audio_val)
     assert clips is data.audio_val and "no other held-out clips" in source
+
+
+def test_the_base_answer_cache_misses_when_the_numerics_change(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers.tiny_model import tiny_safe_model
+
+    from safe.eval.evaluator import BasePredictionCache
+
+    model = tiny_safe_model()
+    manifest = tmp_path / "vqa.jsonl"
+    write_jsonl(manifest, [{"question_id": 1}])
+    calls = []
+
+    def answers(cache):
+        return cache.get_or_compute("vqa", manifest, [1], lambda: calls.append(1) or {1: "red"})
+
+    decoding = {"max_new_tokens": 4, "num_beams": 1}
+    assert answers(BasePredictionCache(model, decoding, tmp_path, batch_size=16)) == {"1": "red"}
+    answers(BasePredictionCache(model, decoding, tmp_path, batch_size=16))
+    assert len(calls) == 1                                                   # same numerics: a hit
+    answers(BasePredictionCache(model, decoding, tmp_path, batch_size=8))
+    assert len(calls) == 2                                                   # another batch size: a miss
+    answers(BasePredictionCache(model, decoding, tmp_path, batch_size=16, world_size=4))
+    assert len(calls) == 3                                                   # another world size: a miss
+    model.base.to(torch.bfloat16)
+    answers(BasePredictionCache(model, decoding, tmp_path, batch_size=16))
+    assert len(calls) == 4                                                   # another dtype: a miss
+
+
+@pytest.mark.slow
+def test_an_untrained_model_with_its_gate_open_does_not_listen(toy_world, tmp_path):
+    """The listening control's null case: a random projector behind open gates changes the captions per clip, but
+    not towards that clip's references, so another clip's audio scores the same (the trained case is in
+    test_toy_run: the gain is far above zero there)."""
+    import torch
+
+    from safe.config import build_config
+    from safe.training.trainer import Trainer
+
+    trainer = Trainer(build_config(cli_values={
+        "model_config": "tiny", "data_root": str(toy_world), "output_root": str(tmp_path), "variant": "no_retention",
+        "num_workers": 0, "progress": False, "max_steps": 1, "max_audio_eval_samples": 40,
+        "max_vl_eval_samples": 4, "generation_max_new_tokens": 12}))
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_trainable_parameters().items():
+            if name.endswith(".alpha"):
+                parameter.fill_(1.0)                                          # tanh(1) = 0.76: the gates are open
+    validation = trainer.evaluator.run(0)
+    assert validation["audio_cider"] != validation["audio_cider_muted"]     # the audio does reach the captions
+    # ... but it is not listened to: another clip's audio scores the same, within noise (a trained toy model's gain
+    # is ~90 after 250 steps, test_toy_run).
+    assert abs(validation["audio_listen_gain"]) < 10, validation

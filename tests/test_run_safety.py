@@ -4,13 +4,14 @@ duplicates, Ctrl-C checkpoints, failures are recorded, and a kill -9 anywhere re
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -232,16 +233,14 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights_and_history
     expected_history = json.loads((expected_dir / "metrics.json").read_text())["history"]
     assert [h["step"] for h in expected_history] == [2, 4]
     # Checkpoints at 2 (before its evaluation), 3 (every 3 steps) and 4 (the end, before the final evaluation).
-    for point in ("model:1", "step:3", "eval:1", "metrics:1", "checkpoint:2"):
-        out = tmp_path / point.replace(":", "_")
-        killed = safe_cli(*cli_args(toy_world, out, *FAULT_SETTINGS), env={"SAFE_FAULT_AT": point})
+    # The five points are independent runs, two at a time (each is one thread: the tiny preset).
+    points = ("model:1", "step:3", "eval:1", "metrics:1", "checkpoint:2")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = dict(zip(points, pool.map(lambda point: kill_then_resume(toy_world, tmp_path, point), points)))
+    for point, (killed, first_resume, resumed, run_dir) in outcomes.items():
         assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
-        run_dir = next(out.iterdir())
-        resumed = safe_cli(*cli_args(toy_world, out, *FAULT_SETTINGS, "--resume", run_dir))
         if point == "model:1":                                   # no checkpoint yet: nothing to resume
-            assert resumed.returncode == 2 and "holds no checkpoint" in resumed.stderr
-            resumed = safe_cli(*cli_args(toy_world, out, *FAULT_SETTINGS))
-            run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
+            assert first_resume.returncode == 2 and "holds no checkpoint" in first_resume.stderr
         assert resumed.returncode == 0, (point, resumed.stderr[-2000:])
         assert state(run_dir) == {"state": "completed", "step": 4}, point
         got = trainable(run_dir)
@@ -253,3 +252,16 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights_and_history
         for mine, theirs in zip(history, expected_history):
             assert {k: v for k, v in mine.items() if k != "eval_seconds"} == \
                 {k: v for k, v in theirs.items() if k != "eval_seconds"}, point
+
+
+def kill_then_resume(world, tmp_path, point):
+    """A run killed (SIGKILL) at ``point``, then resumed until done; a run killed before its first checkpoint is
+    started again instead."""
+    out = tmp_path / point.replace(":", "_")
+    killed = safe_cli(*cli_args(world, out, *FAULT_SETTINGS), env={"SAFE_FAULT_AT": point})
+    run_dir = next(out.iterdir())
+    first_resume = resumed = safe_cli(*cli_args(world, out, *FAULT_SETTINGS, "--resume", run_dir))
+    if point == "model:1":                                   # no checkpoint to resume: start again
+        resumed = safe_cli(*cli_args(world, out, *FAULT_SETTINGS))
+        run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
+    return killed, first_resume, resumed, run_dir

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from safe.data.synth import COLORS as TOY_COLORS
 from safe.data.synth import SHAPES
+from safe.files import current_umask
 from safe.models.prompts import IMAGE_TOKEN, TINY
 
 FORMAT_VERSION = 4  # bump whenever the build recipe changes: it is part of the cache key
@@ -186,6 +187,7 @@ def ensure_tiny_base(seed: int = 0, cache_dir: str | Path | None = None, log=pri
         for stale in root.glob(f".{key}.tmp-*"):         # left by a killed build (only the lock holder builds)
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a shared cache must be readable by the team
         try:
             log(f"Building the tiny base model (seed {seed}, first use only, about two minutes; cached in "
                 f"{target}) ...")

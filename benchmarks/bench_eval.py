@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import median, toy_world, trainer_config, write_result
-
 import torch
+from _common import median, toy_world, trainer_config, write_result
 
 
 def timed(fn) -> float:

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import median, toy_world, trainer_config, write_result
-
 import torch
+from _common import median, toy_world, trainer_config, write_result
 
 TOP_K = 32
 VQA_V2_TRAIN_QUESTIONS = 443_757
@@ -109,7 +108,8 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         ms = {name: round(median(values) * 1000, 2) for name, values in times.items()}
     train = config.train
-    vl_per_step = train.train_batch_size * max(1, round(config.retention.vl_fraction / (1 - config.retention.vl_fraction)))
+    vl_fraction = config.retention.vl_fraction
+    vl_per_step = train.train_batch_size * max(1, round(vl_fraction / (1 - vl_fraction)))
     result = {
         "preset": "tiny", "batch_size": args.batch_size, "threads": args.threads, "top_k": TOP_K, "ms": ms,
         "ratio_same_batch_vs_separate": round(ms["same_batch"] / ms["separate"], 3),

@@ -4,8 +4,8 @@ duplicates, Ctrl-C checkpoints, failures are recorded, and a kill -9 anywhere re
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess

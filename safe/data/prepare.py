@@ -1,4 +1,5 @@
-"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of the README's data layout.
+"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of the
+README's data layout.
 
 - audiocaps: the CSVs (`audiocap_id,youtube_id,start_time,caption`) plus a folder of audio named
   `<yid>.*`, `Y<yid>.*` or `<yid>_<start>...`; full videos are cut to [start, start + 10 s] as FLAC.
@@ -337,7 +338,8 @@ def prepare_vqa(args: argparse.Namespace) -> int:
         afile = _find_one(questions_dir, [f"v2_mscoco_{s}_annotations.json" for s in subtypes])
         if qfile is None or afile is None:
             raise SafeError(f"No VQA v2 {split} questions/annotations under {questions_dir} (expected "
-                            f"v2_OpenEnded_mscoco_{split}2014_questions.json and v2_mscoco_{split}2014_annotations.json).")
+                            f"v2_OpenEnded_mscoco_{split}2014_questions.json and "
+                            f"v2_mscoco_{split}2014_annotations.json).")
         questions = _load_json(qfile)
         annotations = {a["question_id"]: a for a in _load_json(afile).get("annotations", [])}
         subtype = questions.get("data_subtype") or f"{split}2014"

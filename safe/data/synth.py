@@ -1,4 +1,5 @@
-"""Deterministic toy world (docs/design.md, "The toy world"): synthetic sounds with templated captions, and coloured-shape VQA.
+"""Deterministic toy world (docs/design.md, "The toy world"): synthetic sounds with templated captions, and
+coloured-shape VQA.
 
 `safe data synth --out DIR [--seed S] [--size small|medium]` writes the README's data layout:
 
@@ -779,7 +780,8 @@ def _remove_partial_world(out_dir: Path) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder for the toy world (new, empty or an earlier toy world)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the toy world (new, empty or an earlier toy world)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
 

@@ -162,7 +162,8 @@ def _check_manifest(root: Path, dataset: str, split: str, path: Path, args, repo
     clips = len({(r.get("youtube_id"), r.get("start_time")) if r.get("youtube_id") else r.get("_media")
                  for _, r in loaded.rows}) if dataset in CAPTIONED else None
     report.lines.append(f"  {rel}: {len(rows)} rows" + (f", {clips} clips" if clips is not None else "")
-                        + f", media {len(loaded.media)}/{len(referenced)} present, {decoded}/{decoded + len(failures)} sampled decoded")
+                        + f", media {len(loaded.media)}/{len(referenced)} present, "
+                          f"{decoded}/{decoded + len(failures)} sampled decoded")
     if dataset in CAPTIONED and split != "train":
         _check_references(rows, rel, report)
     return loaded
@@ -262,7 +263,8 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
         banned = banned_keys((r.get("youtube_id") for loaded in held for _, r in loaded.rows), blacklist)
         hits = []
         for number, row in wavcaps.rows:
-            if wavcaps_row_is_banned(row, banned) or (row.get("_media") and os.path.realpath(row["_media"]) in held_files):
+            held = row.get("_media") and os.path.realpath(row["_media"]) in held_files
+            if wavcaps_row_is_banned(row, banned) or held:
                 hits.append(f"{wavcaps.path.name}:{number} ({row.get('id')})")
         if hits:
             report.errors.append(f"leakage: {len(hits)} WavCaps row(s) are AudioCaps val/test clips"
@@ -299,7 +301,8 @@ def validate(root: Path, args) -> Report:
     blacklist = read_blacklist(Path(args.blacklist)) if args.blacklist else None
     check_leakage(sets, blacklist, report)
     if not report.errors:
-        report.lines.append("  leakage: none found" + (f" (blacklist of {len(blacklist)} ids applied)" if blacklist else ""))
+        applied = f" (blacklist of {len(blacklist)} ids applied)" if blacklist else ""
+        report.lines.append("  leakage: none found" + applied)
     return report
 
 

@@ -16,7 +16,8 @@ from safe.models.staging import require_models
 from safe.quiet import note
 
 
-def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: Path | None = None) -> FrozenAudioEncoder:
+def load_audio_encoder(preset: ModelPreset, device=None, dtype=None,
+                       tiny_dir: Path | None = None) -> FrozenAudioEncoder:
     kind, name = preset.audio_encoder, preset.encoder_path
     if kind == "tiny":
         if preset.audio_encoder_path:

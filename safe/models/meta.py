@@ -18,7 +18,6 @@ from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
 from safe.quiet import note
 
-
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
 KNOWN_BASES = {
     "llava-hf/llava-1.5-7b-hf": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

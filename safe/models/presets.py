@@ -22,7 +22,7 @@ class ModelPreset:
     audio_features: str = "patch"            # CLAP: patch sequence (default) or pooled vector
     clip_seconds: float = 10.0
     num_audio_tokens: int = 16               # k
-    pre_pool_steps: int | None = 32          # projector's fixed pre-pool grid (what the feature cache stores); None: off
+    pre_pool_steps: int | None = 32          # projector's fixed pre-pool grid (the feature cache stores it); None: off
     fusion: str = "xattn"                    # xattn | prefix
     xattn_layers: tuple[int, ...] | None = None   # None -> spread over depth
     num_xattn_layers: int = 3

@@ -162,7 +162,8 @@ class SAFEModel(nn.Module):
         trainable = {id(p) for p in self.trainable_parameters()}
         return {name: p for name, p in self.named_parameters() if id(p) not in trainable}
 
-    def param_groups(self, lr_projector: float = 2e-4, lr_adapter: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
+    def param_groups(self, lr_projector: float = 2e-4, lr_adapter: float = 1e-4,
+                     weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups: projector vs adapter (xattn + alpha + LoRA), each with and without weight decay.
         No decay on norms, biases, gates and position embeddings (anything 1-D, the gates, or the positions)."""
         groups: dict[tuple[str, bool], list] = {}

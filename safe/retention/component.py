@@ -157,7 +157,8 @@ class Retention:
                                               pixel_values=collated["pixel_values"])
         prompt = prompt.with_audio(audio_features=features).to(self.model.device)
         state = torch.get_rng_state()
-        torch.manual_seed(int(np.random.default_rng([self.config.train.seed, step, index, FISHER_SALT]).integers(2**31)))
+        rng = np.random.default_rng([self.config.train.seed, step, index, FISHER_SALT])
+        torch.manual_seed(int(rng.integers(2**31)))
         try:
             return self.model.generate(prompt, gate=1.0, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                        max_new_tokens=self.config.train.generation_max_new_tokens)

@@ -29,8 +29,8 @@ import torch
 
 from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
 from safe.errors import SafeError
-from safe.training import faults
 from safe.files import atomic_write
+from safe.training import faults
 from safe.training.outputs import write_json_atomic
 
 KEEP_LAST = 2

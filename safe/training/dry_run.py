@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safe.models.memory import (GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes,
-                                training_state_bytes)
+from safe.models.memory import GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes, training_state_bytes
 from safe.quiet import note
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"

@@ -25,20 +25,28 @@ from tqdm import tqdm
 from safe.config import RunConfig, field_index
 from safe.errors import SafeError
 from safe.eval.evaluator import Evaluator, distractor_features
+from safe.retention import build_retention
+from safe.retention.gates import gate_openness
+from safe.training import faults
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.data import BatchStream, item_texts, load_run_data
+from safe.training.distributed import (
+    DistInfo,
+    all_true,
+    any_true,
+    average_gradients,
+    average_tensors,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
 from safe.training.features import attach_feature_cache, audio_batch
-from safe.training.distributed import (DistInfo, all_true, any_true, average_gradients, average_tensors, barrier,
-                                       broadcast_object, init_distributed)
 from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic
 from safe.training.plots import write_plots
-from safe.training import faults
 from safe.training.run_lock import RunLock
-from safe.training.tracking import make_sinks
 from safe.training.schedule import warmup_cosine
-from safe.retention import build_retention
-from safe.retention.gates import gate_openness
+from safe.training.tracking import make_sinks
 
 AUDIO_STREAM, VL_STREAM = 0, 1
 
@@ -198,8 +206,8 @@ class Trainer:
         allowed = set(given.train.override_on_resume or ())
         refused = sorted(allowed - RESUMABLE)
         if refused:
-            raise ResumeRefused(f"--override-on-resume {' '.join(refused)}: only {', '.join(sorted(RESUMABLE))} may change "
-                            "when a run resumes; start a new run to change the others.")
+            raise ResumeRefused(f"--override-on-resume {' '.join(refused)}: only {', '.join(sorted(RESUMABLE))} "
+                            "may change when a run resumes; start a new run to change the others.")
         self.requested_data_root = None
         for key in given.explicit:
             if key in RESUME_KEYS:
@@ -238,8 +246,9 @@ class Trainer:
         self._setup_data()
         moved = manifest_digests(self.requested_data_root, self.data)
         if recorded is None or moved != recorded:
-            raise ResumeRefused(f"--data-root {self.requested_data_root} does not hold the manifests {self.run_dir} was "
-                            f"started with (from {original}); resume with the run's own data root, or a copy of it.")
+            raise ResumeRefused(f"--data-root {self.requested_data_root} does not hold the manifests {self.run_dir} "
+                            f"was started with (from {original}); resume with the run's own data root, "
+                            "or a copy of it.")
         self.overridden["data_root"] = {"saved": original, "now": self.requested_data_root}
 
     def _setup_data(self) -> None:

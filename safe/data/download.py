@@ -157,8 +157,8 @@ def _attempt(url: str, part: Path, opts: Options, desc: str) -> "hashlib._Hash":
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             # Nothing left to send: either the part is already whole, or it is longer than the file.
-            total = re.search(r"/(\d+)", exc.headers.get("Content-Range", "") or "")
-            if total and int(total.group(1)) == have:
+            whole = re.search(r"/(\d+)", exc.headers.get("Content-Range", "") or "")
+            if whole and int(whole.group(1)) == have:
                 return _sha256_of(part)
             part.unlink()
             raise _Retryable("the partial file did not match the server's file; starting over") from None

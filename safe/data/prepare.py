@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
+from typing import Any
 
 from safe.data.manifest import write_jsonl
 from safe.errors import SafeError
@@ -245,7 +246,8 @@ def prepare_audiocaps(args: argparse.Namespace) -> int:
     prefix = media_prefix(out, audio_dir, "audio_source")
     audio_dir = out / prefix if prefix else out  # scan through the link so paths stay lexical
     index = AudioCapsIndex(audio_dir)
-    report = {"dataset": "audiocaps", "csv_dir": str(csv_dir), "audio_dir": str(args.audio_dir), "splits": {}}
+    report: dict[str, Any] = {"dataset": "audiocaps", "csv_dir": str(csv_dir), "audio_dir": str(args.audio_dir),
+                              "splits": {}}
     counts: Counter = Counter()
     for split in splits:
         path = _find_csv(csv_dir, split)
@@ -255,7 +257,8 @@ def prepare_audiocaps(args: argparse.Namespace) -> int:
         clips: OrderedDict = OrderedDict()  # (yid, start) -> rows, in CSV order
         for row in source_rows:
             clips.setdefault((row["youtube_id"], row["start_time"]), []).append(row)
-        rows, missing = [], []
+        rows: list[dict] = []
+        missing: list = []
         for (youtube_id, start), group in tqdm(clips.items(), desc=f"audiocaps {split}", unit="clip",
                                                disable=not sys.stderr.isatty(), leave=False):
             rel, exact, reason = index.find(youtube_id, start)
@@ -331,7 +334,8 @@ def prepare_vqa(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.data_root) / "vqa"
     out.mkdir(parents=True, exist_ok=True)
     prefix = media_prefix(out, images_dir, "images")
-    report = {"dataset": "vqa", "questions_dir": str(questions_dir), "images_dir": str(images_dir), "splits": {}}
+    report: dict[str, Any] = {"dataset": "vqa", "questions_dir": str(questions_dir), "images_dir": str(images_dir),
+                              "splits": {}}
     for split in _splits(args.splits):
         subtypes = [f"{split}2014", split]
         qfile = _find_one(questions_dir, [f"v2_OpenEnded_mscoco_{s}_questions.json" for s in subtypes])

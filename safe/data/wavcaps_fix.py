@@ -238,6 +238,7 @@ def fix_rows(numbered_rows: list[tuple[int, dict]], index: AudioIndex, audio_dir
             problems.append((number, f"{found.status}: {row.get('audio_path')!r}" + candidates))
             rows.append(row)
             continue
+        assert found.file is not None  # a match names its file
         new_path = PurePosixPath(*Path(prefix).parts, *found.file.rel.split("/")).as_posix() if prefix != "." \
             else found.file.rel
         if validate_audio:

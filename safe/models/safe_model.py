@@ -129,8 +129,9 @@ class SAFEModel(nn.Module):
             self.fusion.attach(base)
         self.lora: LoraSwitch | None = None
         if preset.lora_rank > 0:
-            layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, preset.lora_targets, preset.lora_dropout)
-            self.lora = LoraSwitch(layers, list(lora_parameters(base).values()))
+            lora_layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, preset.lora_targets,
+                                      preset.lora_dropout)
+            self.lora = LoraSwitch(lora_layers, list(lora_parameters(base).values()))
         # Trainable parts live where the base lives; they stay fp32 (master weights) whatever the base dtype.
         device = embed.device
         if device.type != "meta":
@@ -204,6 +205,7 @@ class SAFEModel(nn.Module):
     def encode_audio(self, waveforms: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Audio tokens [B, k, H] (gradients flow into the projector)."""
         if features is None:
+            assert waveforms is not None, "encode_audio needs waveforms or features"
             features = self.audio_features(waveforms)
         return self.projector(features.to(self.device))
 
@@ -287,6 +289,7 @@ class SAFEModel(nn.Module):
         """Greedy (or beam) decoding; returns the decoded answers only, one per row of ``batch``."""
         if batch.labels is not None:
             raise ValueError("generate() takes a prompt-only batch (build it without answers)")
+        assert self.builder is not None and self.tokenizer is not None, "generate() needs the model's processor"
         tokens = self._audio_tokens(batch, audio_tokens) if gate != 0 else None
         settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                         pad_token_id=self.builder.pad_id, eos_token_id=self.tokenizer.eos_token_id)

@@ -160,7 +160,7 @@ def planned_windows(config, sample_rate: int, clip_seconds: float, eval_splits: 
     data = config.data
     common = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=config.train.seed,
                   allow_outside_paths=data.allow_outside_paths)
-    train = [AudioCapsDataset(data.data_root, "train", training=True, **common)]
+    train: list = [AudioCapsDataset(data.data_root, "train", training=True, **common)]
     if data.use_wavcaps:
         train.append(WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, **common))
     evaluation = [AudioCapsDataset(data.data_root, split, training=False, **common) for split in eval_splits]

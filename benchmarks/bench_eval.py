@@ -1,4 +1,5 @@
-"""Evaluation time with a cold vs a warm base-prediction cache (BasePredictionCache, DESIGN §10).
+"""Evaluation time with a cold vs a warm base-prediction cache (BasePredictionCache; docs/design.md, "Caches and
+their keys").
 
 The VQA pass of an evaluation generates three answer sets: SAFE (gate 1, no audio), SAFE with a distractor
 clip, and the base (gate 0). The base answers depend only on (base model, manifest, prompt, decoding), so the

@@ -1,4 +1,5 @@
-"""Where the KL teacher should come from (DESIGN §10): its own forward, the student's batch, or a top-k cache.
+"""Where the KL teacher should come from (docs/design.md, "Performance"): its own forward, the student's batch, or
+a top-k cache.
 
 KL retention needs the gate-0 base's distribution at the answer positions of each VL micro-batch. Three ways:
   separate    the teacher runs as its own no-grad forward on the B rows, then the student forward+backward

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from safe.eval.evaluator import BasePredictionCache
+    from safe.training.evaluator import BasePredictionCache
     from safe.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from safe.quiet import add_verbose_flag, library_progress_bars
 COMMANDS = [
     (("train",), "safe.training.cli", "train one Stage A variant"),
     (("sweep",), "safe.training.sweep", "train several variants in sequence and compare them"),
-    (("eval",), "safe.eval.cli", "evaluate a run's checkpoint"),
+    (("eval",), "safe.training.eval_cli", "evaluate a run's checkpoint"),
     (("caption",), "safe.inference", "caption audio files with a trained run"),
     (("ask",), "safe.ask", "ask a trained run a visual question, with or without audio"),
     (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),

@@ -101,6 +101,23 @@ def get_preset(name: str, **overrides) -> ModelPreset:
     return PRESETS[key].replace(**overrides)
 
 
+def preset_for(config) -> ModelPreset:
+    """The model preset a RunConfig's model section names, with its settings applied."""
+    model = config.model
+    overrides = {"fusion": model.fusion, "lora_rank": model.lora_rank, "num_audio_tokens": model.num_audio_tokens,
+                 "xattn_layers": model.xattn_layers, "xattn_gate": model.xattn_gate,
+                 "system_prompt": model.system_prompt,
+                 "pad_to_square": model.pad_to_square}
+    if model.base_model:
+        overrides["base_model"] = model.base_model
+    if model.audio_encoder in AUDIO_ENCODERS:
+        overrides["audio_encoder"] = model.audio_encoder
+    elif model.audio_encoder:  # a hub id or a local folder: CLAP unless the name says Whisper
+        overrides["audio_encoder"] = "whisper" if "whisper" in model.audio_encoder.lower() else "clap"
+        overrides["audio_encoder_path"] = model.audio_encoder
+    return get_preset(model.preset, **overrides)
+
+
 def default_xattn_layers(num_layers: int, count: int) -> tuple[int, ...]:
     """``count`` layer indices spread evenly over depth (32 layers, 3 -> 8/16/24; 40 -> 10/20/30; 4, 2 -> 1/3).
 

@@ -5,7 +5,7 @@ and the teacher's distribution at the answer positions (gate 0, no audio). Both 
 base, the question and its image, so they are cached on disk (safe.data.shard_store), filled lazily during training
 and ahead of a sweep by `safe cache-base`. With an entry present, a KL step runs only the student.
 
-Keyed like the evaluation's base predictions (safe.eval.evaluator.BasePredictionCache): the base's fingerprint, the
+Keyed like the evaluation's base predictions (safe.training.evaluator.BasePredictionCache): the base's fingerprint, the
 prompt style, the image preprocessing, decoding, dtype, device type, the VL micro-batch size (padding and batch mates
 can move a greedy answer near a tie) and the torch/transformers versions; not the world size: a training question's
 batch mates come from the run's order, whatever the world size, so they match no other run's anyway. Each entry is

@@ -68,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from safe.config import build_config, load_yaml
     from safe.models.factory import build_audio_encoder
-    from safe.training.model_factory import preset_for
+    from safe.models.presets import preset_for
 
     config = build_config(load_yaml(args.config) if args.config else None, cli_values={
         "model_config": args.model_config, "audio_encoder": args.audio_encoder, "data_root": args.data_root,

@@ -96,8 +96,8 @@ def active_parameters(model) -> int:
 def model_figures(config, log=note) -> dict:
     """Part 1, the model alone: parameters, weight memory, where each model comes from."""
     from safe.models.meta import base_config, build_on_meta, count_parameters
+    from safe.models.presets import preset_for
     from safe.models.staging import cached_snapshot, hub_models
-    from safe.training.model_factory import preset_for
 
     preset = preset_for(config)
     model = build_on_meta(preset, log=log)

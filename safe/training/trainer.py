@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from safe.config import RunConfig, field_index
 from safe.errors import SafeError
-from safe.eval.evaluator import Evaluator, distractor_features
 from safe.retention import build_retention
 from safe.retention.gates import gate_openness
 from safe.training import faults
@@ -41,6 +40,7 @@ from safe.training.distributed import (
     broadcast_object,
     init_distributed,
 )
+from safe.training.evaluator import Evaluator, distractor_features
 from safe.training.features import attach_feature_cache, audio_batch
 from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic

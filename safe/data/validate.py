@@ -249,12 +249,12 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
                 report.errors.append(f"leakage: {len(shared)} clip(s) and {len(same_files)} audio file(s) are in "
                                      f"audiocaps train and {other.split}: {_limited(shared + same_files)}")
     ctrain = sets.get(("clotho", "train"))
-    for other in (sets[k] for k in (("clotho", "val"), ("clotho", "test")) if k in sets) if ctrain else ():
-        assert ctrain is not None
-        shared = sorted(realfiles(ctrain) & realfiles(other))
-        if shared:
-            report.errors.append(f"leakage: {len(shared)} audio file(s) are in clotho train and {other.split}: "
-                                 f"{_limited(shared)}")
+    if ctrain:
+        for other in (sets[k] for k in (("clotho", "val"), ("clotho", "test")) if k in sets):
+            shared = sorted(realfiles(ctrain) & realfiles(other))
+            if shared:
+                report.errors.append(f"leakage: {len(shared)} audio file(s) are in clotho train and {other.split}: "
+                                     f"{_limited(shared)}")
     vtrain, vval = sets.get(("vqa", "train")), sets.get(("vqa", "val"))
     if vtrain and vval:
         qids = sorted({r["question_id"] for _, r in vtrain.rows} & {r["question_id"] for _, r in vval.rows}, key=str)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo lint test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m safe.demo
 
-test: $(STAMP)
+# ruff (style, imports, pyflakes) and mypy (safe/, settings in pyproject.toml): run before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check safe tests benchmarks
+	$(PY) -m mypy
+
+test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)

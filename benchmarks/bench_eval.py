@@ -1,4 +1,5 @@
-"""Evaluation time with a cold vs a warm base-prediction cache (BasePredictionCache, DESIGN §10).
+"""Evaluation time with a cold vs a warm base-prediction cache (BasePredictionCache; docs/design.md, "Caches and
+their keys").
 
 The VQA pass of an evaluation generates three answer sets: SAFE (gate 1, no audio), SAFE with a distractor
 clip, and the base (gate 0). The base answers depend only on (base model, manifest, prompt, decoding), so the
@@ -18,9 +19,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import median, toy_world, trainer_config, write_result
-
 import torch
+from _common import median, toy_world, trainer_config, write_result
 
 
 def timed(fn) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from safe.eval.evaluator import BasePredictionCache
+    from safe.training.evaluator import BasePredictionCache
     from safe.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

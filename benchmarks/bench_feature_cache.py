@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import median, write_result
-
 import torch
+from _common import median, write_result
 
 
 class EncoderOnly:

@@ -19,9 +19,8 @@ import tracemalloc
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import peak_rss_mib, toy_world, trainer_config, write_result
-
 import torch
+from _common import peak_rss_mib, toy_world, trainer_config, write_result
 
 DEFAULT_VARIANTS = "no_retention:xattn,no_retention:prefix,soft_retention:xattn"
 
@@ -35,6 +34,7 @@ def current_rss_mib() -> float:
 
 def measure(variant: str, fusion: str, steps: int) -> dict:
     from bench_step import fill_caches
+
     from safe.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def main() -> None:
     for spec in args.variants.split(","):
         done = subprocess.run([sys.executable, __file__, "--child", spec, "--steps", str(args.steps)],
                               capture_output=True, text=True, check=False)
-        line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [text for text in done.stdout.splitlines() if text.startswith("RESULT ")]
         if done.returncode or not line:
             raise SystemExit(f"memory child {spec} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(line[-1][len("RESULT "):]))

@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import Timers, median, toy_world, trainer_config, write_result
-
 import torch
 import torch.nn.functional as F
+from _common import Timers, median, toy_world, trainer_config, write_result
 
 GOAL = 1.15
 DEFAULT_CONFIGS = "no_retention:xattn,no_retention:prefix,soft_retention:xattn:cold,soft_retention:xattn:warm"

@@ -1,4 +1,5 @@
-"""Where the KL teacher should come from (DESIGN §10): its own forward, the student's batch, or a top-k cache.
+"""Where the KL teacher should come from (docs/design.md, "Performance"): its own forward, the student's batch, or
+a top-k cache.
 
 KL retention needs the gate-0 base's distribution at the answer positions of each VL micro-batch. Three ways:
   separate    the teacher runs as its own no-grad forward on the B rows, then the student forward+backward
@@ -25,9 +26,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import median, toy_world, trainer_config, write_result
-
 import torch
+from _common import median, toy_world, trainer_config, write_result
 
 TOP_K = 32
 VQA_V2_TRAIN_QUESTIONS = 443_757
@@ -109,7 +109,8 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         ms = {name: round(median(values) * 1000, 2) for name, values in times.items()}
     train = config.train
-    vl_per_step = train.train_batch_size * max(1, round(config.retention.vl_fraction / (1 - config.retention.vl_fraction)))
+    vl_fraction = config.retention.vl_fraction
+    vl_per_step = train.train_batch_size * max(1, round(vl_fraction / (1 - vl_fraction)))
     result = {
         "preset": "tiny", "batch_size": args.batch_size, "threads": args.threads, "top_k": TOP_K, "ms": ms,
         "ratio_same_batch_vs_separate": round(ms["same_batch"] / ms["separate"], 3),

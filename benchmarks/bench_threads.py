@@ -26,8 +26,8 @@ from _common import median, toy_world, trainer_config, write_result
 
 def child(threads: int, steps: int, work: Path) -> None:
     import torch
-
     from bench_step import fill_caches
+
     from safe.training.trainer import Trainer
 
     trainer = Trainer(trainer_config(toy_world(work / "world"), work / f"run{os.getpid()}", variant="no_retention"))

@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import machine
-
 import torch
+from _common import machine
 
 # bf16 dense tensor-core peak, FLOP/s; first match of every word of a row in the device name wins (order matters).
 PEAKS = [
@@ -79,8 +78,15 @@ CAPTION_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 40, 20, 3
 
 def build(shape: dict, device: torch.device, dtype: torch.dtype):
     """(LLaVA base, CLAP encoder wrapper), random weights, built in place on ``device`` in ``dtype``."""
-    from transformers import (ClapAudioConfig, ClapAudioModel, ClapFeatureExtractor, CLIPVisionConfig,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
+    from transformers import (
+        ClapAudioConfig,
+        ClapAudioModel,
+        ClapFeatureExtractor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from safe.models.audio_encoders import ClapEncoder
 

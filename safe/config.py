@@ -9,7 +9,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -328,7 +328,7 @@ def build_config(yaml_values: dict | None = None, cli_values: dict | None = None
     for key, value in yaml_values.items():
         flat_yaml.update(value if key in SECTIONS and isinstance(value, dict) else {key: value})
     variant = cli_values.get("variant", flat_yaml.get("variant", config.train.variant))
-    config.train.variant = check_variant(variant)
+    config.train.variant = check_variant(cast(str, variant))  # anything else: check_variant refuses it
     explicit = explicit_settings(yaml_values, cli_values)
     apply_variant_defaults(config, explicit=explicit)
     apply_overrides(config, flat_yaml, source="the config file")

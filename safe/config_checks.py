@@ -111,7 +111,8 @@ class BadSetting(ValueError):
 
 def checked_value(section, name: str, value):
     """`value` converted to the declared type of field `name` of the dataclass `section`, and range-checked."""
-    kind, optional = _unwrap_optional(_field_types(type(section))[name])
+    cls: type = type(section)
+    kind, optional = _unwrap_optional(_field_types(cls)[name])
     if value is None:
         if optional:
             return None

@@ -19,7 +19,8 @@ from safe.config import VARIANTS
 from safe.data.synth import synthesize_toy_world
 
 DEMO_DIR = Path("demo_out")
-# Settings measured to show the toy world's phenomena (docs/design.md, "The toy world") within the time budget (see README's table).
+# Settings measured to show the toy world's phenomena (docs/design.md, "The toy world") within the time budget
+# (see README's table).
 DEMO_FLAGS = [
     "--model-config", "tiny",
     "--lora-rank", "8",              # LoRA on the SAFE path: where forgetting really happens (see README)

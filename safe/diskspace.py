@@ -54,7 +54,7 @@ def free_bytes(path: str | Path) -> int | None:
     return None
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException | None) -> bool:
     """Whether `exc`, or an exception it was raised from, says the disk or the quota is full."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -35,7 +35,7 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object], needed: int | None = None) -> Path:
     """Call `write(temporary_path)`, then give the file the policy's mode and rename it to `path`.
 
     `needed` (bytes, when known) is what a full-disk error says the write needs."""

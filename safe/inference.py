@@ -35,8 +35,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: s
     from safe.training.model_factory import build_model
 
     config, path = run_checkpoint(run_dir, checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(config, device)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(config, target)
     model.load_trainable(path)
     model.eval()
     return model, config

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.tiny_model import tiny_safe_model, trainer_state
+
 from safe.errors import SafeError
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 

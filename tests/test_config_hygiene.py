@@ -89,7 +89,8 @@ def test_every_field_is_type_checked_so_new_fields_are_covered():
             if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the X
                 kind = next(a for a in typing.get_args(kind) if a is not type(None))
             # lists get a string, mappings (which also take the flag's text) a number
-            wrong = {bool: "yes", int: "3", float: [1.0], str: 3}.get(kind, 3 if typing.get_origin(kind) is dict else "x")
+            fallback = 3 if typing.get_origin(kind) is dict else "x"
+            wrong = {bool: "yes", int: "3", float: [1.0], str: 3}.get(kind, fallback)
             with pytest.raises(SafeError, match=rf"{f.name} must be"):
                 RunConfig.from_dict({f.name: wrong})
     assert RunConfig.from_dict(defaults.to_dict()).to_dict() == defaults.to_dict()  # config.json round trip

@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers.tiny_model import tiny_safe_model, trainer_state
+
 from safe.errors import SafeError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from safe.config import build_config
-from safe.eval.evaluator import Evaluator
 from safe.training.data import load_run_data
+from safe.training.evaluator import Evaluator
 from safe.training.model_factory import audio_settings, build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.local_run import COMMAND, STEP, make_run, save_base, save_clap
 
 from safe.errors import SafeError
 from safe.inference import load_run_model
 from safe.models import SAFEModel
-
-from helpers.local_run import COMMAND, STEP, make_run, save_base, save_clap
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -108,7 +108,8 @@ def test_absolute_paths_refused_in_tar_and_zip(sandbox):
 
 
 def test_zip_dotdot_refused(sandbox):
-    _assert_refused(_zip(sandbox / "a.zip", [("ok.txt", "file", "ok"), ("../evil.txt", "file", "x")]), sandbox, r"'\.\.'")
+    archive = _zip(sandbox / "a.zip", [("ok.txt", "file", "ok"), ("../evil.txt", "file", "x")])
+    _assert_refused(archive, sandbox, r"'\.\.'")
 
 
 @pytest.mark.parametrize("target", ["/etc", "../..", "../../outside", "../sub/../../x"])

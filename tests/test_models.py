@@ -88,7 +88,7 @@ def base_logits(base, model, batch):
 def test_prompt_labels_only_on_answer_and_eos(parts):
     tokenizer = parts[0]
     enc = encode_example(tokenizer, TINY.vqa("what color is the circle?"), "red")
-    answer = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    answer = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert answer == [tokenizer.convert_tokens_to_ids("red"), tokenizer.eos_token_id]
     assert enc.input_ids[: enc.prompt_len] == tokenizer(TINY.vqa("what color is the circle?"))["input_ids"]
     head = tokenizer(SPLICE_AFTER)["input_ids"]
@@ -113,13 +113,15 @@ def test_batch_rows_do_not_depend_on_batch_mates_or_on_the_token_memo(parts):
     from safe.models.batching import BatchBuilder
 
     tokenizer = parts[0]
-    prompts = [TINY.vqa(q) for q in ("what color is the circle?", "how many shapes are there?", "is there a red square?")]
+    questions = ("what color is the circle?", "how many shapes are there?", "is there a red square?")
+    prompts = [TINY.vqa(q) for q in questions]
     answers = ["red", "2", "no"]
     warm = BatchBuilder(tokenizer)
     first = warm.encode("vl", prompts, answers)
     again = warm.encode("vl", prompts, answers)                 # every row from the memo
     assert len(warm._memo) == 3
-    for a, b in ((first.input_ids, again.input_ids), (first.labels, again.labels), (first.splice_pos, again.splice_pos)):
+    pairs = ((first.input_ids, again.input_ids), (first.labels, again.labels), (first.splice_pos, again.splice_pos))
+    for a, b in pairs:
         assert torch.equal(a, b)
     for row in range(3):                                        # each row alone, from a fresh builder
         alone = BatchBuilder(tokenizer).encode("vl", [prompts[row]], [answers[row]])

@@ -39,7 +39,8 @@ def test_the_presets_hub_models():
     assert [m.repo_id for m in hub_models(get_preset("full", audio_encoder="whisper"))] == [
         "llava-hf/llava-1.5-13b-hf", "openai/whisper-small"]
     assert hub_models(get_preset("tiny")) == []
-    assert hub_models(get_preset("llava-1.5-7b", base_model="/models/llava")) == [hub_models(get_preset("llava-1.5-7b"))[1]]
+    local_base = get_preset("llava-1.5-7b", base_model="/models/llava")
+    assert hub_models(local_base) == [hub_models(get_preset("llava-1.5-7b"))[1]]
     assert download_flags(get_preset("llava-1.5-7b", audio_encoder="whisper")) == [
         "--preset", "llava-1.5-7b", "--audio-encoder", "whisper"]
 

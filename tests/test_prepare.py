@@ -81,7 +81,8 @@ def test_audiocaps_conversion(audiocaps_sources, tmp_path):
     assert sf.info(str(out / val[0]["audio_path"])).duration == pytest.approx(5.0)  # 25 s video, start 20
 
     # The loaders read every row: train one item per caption, val one item per clip with all references.
-    train_set = AudioCapsDataset(tmp_path / "data", "train", sample_rate=16000, clip_seconds=10.0, on_bad_sample="error")
+    train_set = AudioCapsDataset(tmp_path / "data", "train", sample_rate=16000, clip_seconds=10.0,
+                                 on_bad_sample="error")
     assert len(train_set) == 5 and all(train_set[i]["kind"] == "audio" for i in range(len(train_set)))
     val_set = AudioCapsDataset(tmp_path / "data", "val", sample_rate=16000, clip_seconds=10.0, on_bad_sample="error")
     assert [len(val_set[i]["references"]) for i in range(2)] == [5, 5]

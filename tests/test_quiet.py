@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers.local_run import make_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ def two_runs(toy_world, tmp_path_factory):
 
 def test_caption_command_beats_the_muted_model(two_runs, toy_world):
     _, runs = two_runs
-    rows = [json.loads(l) for l in (toy_world / "audiocaps" / "audiocaps_val.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (toy_world / "audiocaps" / "audiocaps_val.jsonl").read_text().splitlines()]
     files = [toy_world / "audiocaps" / row["audio_path"] for row in rows]
     refs = [row["captions"] for row in rows]
     with_audio = safe_cli("caption", "--run", runs[0], "--audio", *files)
@@ -125,7 +125,7 @@ def test_tensorboard_holds_the_logged_scalars(two_runs):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/caption_loss", "train/kl_loss", "eval/audio_cider", "eval/vl_base_accuracy"} <= tags
-    log = [json.loads(l) for l in (runs[1] / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (runs[1] / "train_log.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["caption_loss"] for r in log if r["event"] == "train"}
     written = {e.step: e.value for e in events.Scalars("train/caption_loss")}
     assert written.keys() == logged.keys()

@@ -140,7 +140,7 @@ def test_a_bad_validation_row_is_refused_before_training_naming_file_and_line(to
 
 
 def test_a_failing_evaluation_keeps_the_final_checkpoint_and_resume_evaluates_it(toy_world, tmp_path, monkeypatch):
-    from safe.eval.evaluator import Evaluator
+    from safe.training.evaluator import Evaluator
 
     trainer = Trainer(config(toy_world, tmp_path, variant="no_retention", max_steps=3))
 

@@ -31,7 +31,8 @@ def test_a_short_toy_run_learns_with_the_tiny_defaults_and_reports_plainly(toy_w
     assert recorded["config"]["train"]["max_steps"] == 250
     assert recorded["environment"]["command"] == "python -m safe " + " ".join(map(str, args))
     validation = json.loads((run / "metrics.json").read_text())["validation"]
-    assert validation["audio_gain"] > 10 and validation["audio_listen_gain"] > 5   # a few hundred steps (seconds) already listen
+    # a few hundred steps (seconds) already listen
+    assert validation["audio_gain"] > 10 and validation["audio_listen_gain"] > 5
     summary = done.stdout.splitlines()[-3:]
     assert summary[0].startswith(f"captions (16 clips): CIDEr-D {validation['audio_cider']:.2f}, base without audio")
     assert summary[1].startswith(f"VQA (16 questions): base {validation['vl_base_accuracy']:.2f}")

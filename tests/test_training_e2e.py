@@ -69,7 +69,8 @@ def test_run_directory_has_every_output(finished_run):
     events = {r["event"] for r in log}
     assert {"train", "eval", "fisher_refresh", "null_space_refresh"} <= events
     assert (run_dir / "predictions" / "step_00000004" / "captions.jsonl").is_file()
-    vqa = [json.loads(l) for l in (run_dir / "predictions" / "step_00000004" / "vqa.jsonl").read_text().splitlines()]
+    vqa_file = run_dir / "predictions" / "step_00000004" / "vqa.jsonl"
+    vqa = [json.loads(line) for line in vqa_file.read_text().splitlines()]
     assert len(vqa) == 6 and all(len(r["answers"]) == 10 for r in vqa)
     for png in ("loss.png", "metrics.png"):
         assert (run_dir / "plots" / png).stat().st_size > 1000
@@ -140,7 +141,7 @@ def test_sigterm_checkpoints_and_resume_finishes(toy_world, tmp_path):
     resumed = safe_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(p.name for p in out.iterdir()) == [run_dir.name]  # the same folder, not a new run
-    events = [json.loads(l)["event"] for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert "resumed" in events
     assert json.loads((run_dir / "run_state.json").read_text()) == {"state": "completed", "step": 400}
 

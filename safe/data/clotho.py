@@ -76,7 +76,8 @@ def convert(sources, out: Path, prefix: str) -> tuple[dict[str, list[dict]], dic
 
     manifests, report = {}, {}
     for official, split, source in sources:
-        rows, missing = [], []
+        rows: list[dict] = []
+        missing: list = []
         for name, captions in source:
             rel = f"{official}/{name}"
             audio_path = f"{prefix}/{rel}" if prefix else rel

@@ -147,7 +147,7 @@ class AudioCapsDataset(_AudioDataset):
 
     def _build_items(self, rows: list[dict]) -> list[dict]:
         if self.training:
-            items = []
+            items: list[dict] = []
             for row in rows:
                 captions = [row["caption"]] if "caption" in row else list(row["captions"])
                 items.extend({**row, "references": [caption]} for caption in captions)

@@ -1,4 +1,5 @@
-"""`safe data download` / `python -m experiments.full_training.download_data`: stage datasets in the README's data layout.
+"""`safe data download` / `python -m experiments.full_training.download_data`: stage datasets in the README's
+data layout.
 
 Every URL (http, https, file, or a local path) is fetched into `<destination>/.safe-downloads/<dataset>/`
 as `<name>.part`, resumed with an HTTP Range request after a dropped connection, retried with bounded
@@ -156,8 +157,8 @@ def _attempt(url: str, part: Path, opts: Options, desc: str) -> "hashlib._Hash":
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             # Nothing left to send: either the part is already whole, or it is longer than the file.
-            total = re.search(r"/(\d+)", exc.headers.get("Content-Range", "") or "")
-            if total and int(total.group(1)) == have:
+            whole = re.search(r"/(\d+)", exc.headers.get("Content-Range", "") or "")
+            if whole and int(whole.group(1)) == have:
                 return _sha256_of(part)
             part.unlink()
             raise _Retryable("the partial file did not match the server's file; starting over") from None
@@ -263,7 +264,8 @@ def stage(root: Path, source: Source, opts: Options) -> str:
         return f"{source.dataset}: {source.name} already in place (skipped; --force to redo)"
     downloads = root / STATE_DIR / source.dataset
     archive = downloads / source.key
-    if archive.exists() and not opts.force and (not source.sha256 or _sha256_of(archive).hexdigest() == source.sha256.lower()):
+    if archive.exists() and not opts.force and (
+            not source.sha256 or _sha256_of(archive).hexdigest() == source.sha256.lower()):
         sha = _sha256_of(archive).hexdigest()  # a kept archive from an earlier run: no need to fetch it again
     else:
         archive.unlink(missing_ok=True)
@@ -361,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
     progress = {"on": True, "off": False, "auto": sys.stderr.isatty()}[args.progress]
     opts = Options(retries=args.retries, backoff=args.backoff, timeout=args.timeout, progress=progress,
                    keep_archives=args.keep_archives, force=args.force,
-                   max_extract_bytes=parse_size(args.max_extract_bytes) if args.max_extract_bytes else DEFAULT_MAX_BYTES)
+                   max_extract_bytes=(parse_size(args.max_extract_bytes) if args.max_extract_bytes
+                                      else DEFAULT_MAX_BYTES))
     root = Path(args.destination)
     root.mkdir(parents=True, exist_ok=True)
     print(f"Staging {len(sources)} source(s) into {root.resolve()}")

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from safe.diskspace import disk_full_error, free_bytes, is_disk_full, on_disk
 from safe.errors import SafeError
@@ -43,7 +43,7 @@ class Member:
     kind: str  # "file", "dir", "symlink", "hardlink"
     size: int = 0
     link: str = ""  # symlink target text, or the normalised member path a hardlink copies
-    handle: object = None  # TarInfo or ZipInfo
+    handle: Any = None  # TarInfo or ZipInfo
 
 
 def archive_kind(path: str | Path) -> str | None:
@@ -287,12 +287,14 @@ def _write_members(archive: Path, members: list[Member], root: Path, max_bytes: 
             elif member.kind == "hardlink":
                 writer.hardlink(member.parts, member.link)
             else:
-                if kind == "zip":
+                if isinstance(container, zipfile.ZipFile):  # kind == "zip"
                     mode = (member.handle.external_attr >> 16) & 0o777 or 0o644
                     source = container.open(member.handle)
                 else:
                     mode = member.handle.mode
-                    source = container.extractfile(member.handle)
+                    extracted = container.extractfile(member.handle)
+                    assert extracted is not None  # a regular file member
+                    source = extracted
                 with source:
                     writer.file(member.parts, source, mode)
             if progress is not None:

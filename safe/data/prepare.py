@@ -1,4 +1,5 @@
-"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of the README's data layout.
+"""`safe data prepare {audiocaps,vqa,wavcaps,clotho}`: official dataset files -> the JSONL manifests of the
+README's data layout.
 
 - audiocaps: the CSVs (`audiocap_id,youtube_id,start_time,caption`) plus a folder of audio named
   `<yid>.*`, `Y<yid>.*` or `<yid>_<start>...`; full videos are cut to [start, start + 10 s] as FLAC.
@@ -25,6 +26,7 @@ import subprocess
 import sys
 from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
+from typing import Any
 
 from safe.data.manifest import write_jsonl
 from safe.errors import SafeError
@@ -244,7 +246,8 @@ def prepare_audiocaps(args: argparse.Namespace) -> int:
     prefix = media_prefix(out, audio_dir, "audio_source")
     audio_dir = out / prefix if prefix else out  # scan through the link so paths stay lexical
     index = AudioCapsIndex(audio_dir)
-    report = {"dataset": "audiocaps", "csv_dir": str(csv_dir), "audio_dir": str(args.audio_dir), "splits": {}}
+    report: dict[str, Any] = {"dataset": "audiocaps", "csv_dir": str(csv_dir), "audio_dir": str(args.audio_dir),
+                              "splits": {}}
     counts: Counter = Counter()
     for split in splits:
         path = _find_csv(csv_dir, split)
@@ -254,7 +257,8 @@ def prepare_audiocaps(args: argparse.Namespace) -> int:
         clips: OrderedDict = OrderedDict()  # (yid, start) -> rows, in CSV order
         for row in source_rows:
             clips.setdefault((row["youtube_id"], row["start_time"]), []).append(row)
-        rows, missing = [], []
+        rows: list[dict] = []
+        missing: list = []
         for (youtube_id, start), group in tqdm(clips.items(), desc=f"audiocaps {split}", unit="clip",
                                                disable=not sys.stderr.isatty(), leave=False):
             rel, exact, reason = index.find(youtube_id, start)
@@ -330,14 +334,16 @@ def prepare_vqa(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.data_root) / "vqa"
     out.mkdir(parents=True, exist_ok=True)
     prefix = media_prefix(out, images_dir, "images")
-    report = {"dataset": "vqa", "questions_dir": str(questions_dir), "images_dir": str(images_dir), "splits": {}}
+    report: dict[str, Any] = {"dataset": "vqa", "questions_dir": str(questions_dir), "images_dir": str(images_dir),
+                              "splits": {}}
     for split in _splits(args.splits):
         subtypes = [f"{split}2014", split]
         qfile = _find_one(questions_dir, [f"v2_OpenEnded_mscoco_{s}_questions.json" for s in subtypes])
         afile = _find_one(questions_dir, [f"v2_mscoco_{s}_annotations.json" for s in subtypes])
         if qfile is None or afile is None:
             raise SafeError(f"No VQA v2 {split} questions/annotations under {questions_dir} (expected "
-                            f"v2_OpenEnded_mscoco_{split}2014_questions.json and v2_mscoco_{split}2014_annotations.json).")
+                            f"v2_OpenEnded_mscoco_{split}2014_questions.json and "
+                            f"v2_mscoco_{split}2014_annotations.json).")
         questions = _load_json(qfile)
         annotations = {a["question_id"]: a for a in _load_json(afile).get("annotations", [])}
         subtype = questions.get("data_subtype") or f"{split}2014"

@@ -104,7 +104,7 @@ class ManifestRules:
         key = "question_id" if self.kind == "vqa" else "id"
         value = row[key]
         whole = self.kind not in CAPTIONED or "captions" in row
-        identity = ((_norm(row.get("audio_path")), row.get("youtube_id"), _start(row)) if self.kind in CAPTIONED
+        identity: tuple = ((_norm(row.get("audio_path")), row.get("youtube_id"), _start(row)) if self.kind in CAPTIONED
                     else ())
         # WavCaps ids are only unique within a subset (FreeSound and SoundBible both have a clip "1").
         name = (row.get("subset"), str(value)) if self.kind == "wavcaps" else str(value)
@@ -140,4 +140,4 @@ def _norm(path) -> str:
 
 def _start(row: dict) -> float | None:
     start = row.get("start_time")
-    return float(start) if _is_number(start) else None
+    return float(start) if _is_number(start) else None  # type: ignore[arg-type]  # _is_number: a real number

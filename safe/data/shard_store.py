@@ -65,7 +65,8 @@ class ShardStore:
         self._reset_reader()
         self._pending: OrderedDict[bytes, bytes] = OrderedDict()   # id -> blob, not yet on disk
         self._pending_aliases: dict[bytes, bytes] = {}             # new id -> id of an entry on disk
-        self._pending_bytes, self._pending_since = 0, None
+        self._pending_bytes = 0
+        self._pending_since: float | None = None
         self._writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._written = 0
         atexit.register(_flush_at_exit, weakref.ref(self))
@@ -78,7 +79,7 @@ class ShardStore:
         self._shards: list[str] = []
         self._shard_numbers: dict[str, int] = {}
         self._indexes: set[str] = set()
-        self._loaded_at = None
+        self._loaded_at: float | None = None
         self._files: OrderedDict[int, int] = OrderedDict()
 
     def __del__(self):
@@ -153,7 +154,8 @@ class ShardStore:
         first (rows loaded since the last merge are the newest)."""
         if self._loaded_at is None:
             self.refresh()
-        out = [(None, row) for row in reversed(self._recent.get(ident, [])) if (row[2], row[4]) not in self._bad_places]
+        out: list[tuple[int | None, tuple]] = [(None, row) for row in reversed(self._recent.get(ident, []))
+                                               if (row[2], row[4]) not in self._bad_places]
         hi, lo = _split(ident)
         column = self._rows["hi"]
         start, stop = np.searchsorted(column, np.uint64(hi), "left"), np.searchsorted(column, np.uint64(hi), "right")

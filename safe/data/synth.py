@@ -1,4 +1,5 @@
-"""Deterministic toy world (docs/design.md, "The toy world"): synthetic sounds with templated captions, and coloured-shape VQA.
+"""Deterministic toy world (docs/design.md, "The toy world"): synthetic sounds with templated captions, and
+coloured-shape VQA.
 
 `safe data synth --out DIR [--seed S] [--size small|medium]` writes the README's data layout:
 
@@ -27,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import soundfile as sf
@@ -200,7 +202,7 @@ def caption_text(spec: SoundSpec, template: int, suffix: int = 0) -> str:
     count = spec.count or 1
     text = TEMPLATES[spec.kind][template].format(
         p=spec.pitch or "", adv=_ADV[count], num=_NUM[count], s="" if count == 1 else "s",
-        sadv=_SADV.get(spec.speed, ""), sadj=spec.speed or "", radj=_RADJ.get(spec.speed, ""),
+        sadv=_SADV.get(spec.speed or "", ""), sadj=spec.speed or "", radj=_RADJ.get(spec.speed or "", ""),
     )
     if spec.background:
         text += BACKGROUND_SUFFIXES[suffix]
@@ -211,7 +213,7 @@ def all_specs() -> list[SoundSpec]:
     """Every attribute combination the world can contain, in a fixed order."""
     specs = []
     for kind, axes in KIND_AXES.items():
-        grids = [[]]
+        grids: list[list[tuple[str, Any]]] = [[]]
         for axis in axes:
             grids = [g + [(axis, v)] for g in grids for v in AXIS_VALUES[axis]]
         for grid in grids:
@@ -241,8 +243,8 @@ def balanced_specs(n: int, rng: np.random.Generator) -> list[SoundSpec]:
     for kind in KINDS:
         order = rng.permutation(len(by_kind[kind]))
         by_kind[kind] = [by_kind[kind][i] for i in order]
-    used = Counter()
-    out = []
+    used: Counter[str] = Counter()
+    out: list[SoundSpec] = []
     while len(out) < n:
         for i in rng.permutation(len(KINDS)):
             kind = KINDS[i]
@@ -282,7 +284,7 @@ def render_sound(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> 
         tt = np.arange(m) / sr
         beep = (np.sin(2 * np.pi * f * tt) + 0.3 * np.sin(6 * np.pi * f * tt)) * _ramp(m, sr, 0.008)
         start = rng.uniform(0.1, 0.4)
-        for k in range(spec.count):
+        for k in range(cast(int, spec.count)):  # these kinds always have a count
             _place(x, beep, int((start + k * (length + gap)) * sr))
     elif kind in ("chirp_up", "chirp_down"):
         period = rng.uniform(0.9, 1.1) if spec.speed == "slow" else rng.uniform(0.28, 0.34)
@@ -299,7 +301,7 @@ def render_sound(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> 
     elif kind == "noise":
         length, gap = rng.uniform(0.3, 0.42), rng.uniform(0.35, 0.45)
         start = rng.uniform(0.1, 0.35)
-        for k in range(spec.count):
+        for k in range(cast(int, spec.count)):  # these kinds always have a count
             m = int(length * sr)
             _place(x, rng.standard_normal(m) * 0.35 * _ramp(m, sr, 0.01), int((start + k * (length + gap)) * sr))
     elif kind == "click":
@@ -308,14 +310,14 @@ def render_sound(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> 
         tt = np.arange(m) / sr
         fc = rng.uniform(2500, 3500)
         click = np.exp(-tt / 0.0012) * np.sin(2 * np.pi * fc * tt)
-        k = rng.uniform(0, 1 / rate)
-        while k < n / sr:
-            _place(x, click * rng.uniform(0.8, 1.0), int(k * sr))
-            k += (1 / rate) * rng.uniform(0.95, 1.05)
+        when = rng.uniform(0, 1 / rate)
+        while when < n / sr:
+            _place(x, click * rng.uniform(0.8, 1.0), int(when * sr))
+            when += (1 / rate) * rng.uniform(0.95, 1.05)
     elif kind == "hum":
         f = rng.uniform(90, 130)
         rate = rng.uniform(1.5, 2.5) if spec.speed == "slow" else rng.uniform(7, 9)
-        x = sum(np.sin(2 * np.pi * h * f * t) / h for h in range(1, 5))
+        x = cast(np.ndarray, sum(np.sin(2 * np.pi * h * f * t) / h for h in range(1, 5)))
         x *= (1.0 + 0.85 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))) / 1.85
         x *= _ramp(n, sr, 0.05)
     elif kind == "siren":
@@ -329,7 +331,7 @@ def render_sound(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> 
         m = int(0.15 * sr)
         tt = np.arange(m) / sr
         start = rng.uniform(0.1, 0.4)
-        for k in range(spec.count):
+        for k in range(cast(int, spec.count)):  # these kinds always have a count
             knock = np.exp(-tt / 0.03) * np.sin(2 * np.pi * f * tt)
             knock[: int(0.004 * sr)] += rng.standard_normal(int(0.004 * sr)) * 0.6
             _place(x, knock, int((start + k * gap) * sr))
@@ -450,7 +452,7 @@ def _write_audiocaps(root: Path, seed: int, counts: dict, labels: dict) -> dict[
     for split in ("train", "val", "test"):
         key = f"audiocaps_{split}"
         specs = balanced_specs(counts[key], _stream(seed, key, 10**6))
-        rows = []
+        rows: list[dict] = []
         for i, spec in enumerate(specs):
             if split == "train" and i % OGG_EVERY == 5:
                 ext = "ogg"
@@ -664,7 +666,7 @@ def _write_vqa(root: Path, seed: int, counts: dict, labels: dict) -> dict[str, i
     qtypes = QUESTION_TYPES
     for split, image_base in (("train", 1), ("val", 500001)):
         key = f"vqa_{split}"
-        rows = []
+        rows: list[dict] = []
         image_index = 0
         while len(rows) < counts[key]:
             rng = _stream(seed, key, image_index)
@@ -779,7 +781,8 @@ def _remove_partial_world(out_dir: Path) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder for the toy world (new, empty or an earlier toy world)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the toy world (new, empty or an earlier toy world)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
 

@@ -119,7 +119,10 @@ def _check_manifest(root: Path, dataset: str, split: str, path: Path, args, repo
         report.errors.append(f"{rel} has no rows: the {dataset} {split} split is empty.")
         return None
     loaded = Loaded(dataset, split, path, [])  # rows whose fields are sound: the leakage checks read them
-    bad_rows, missing, content, referenced = [], [], [], set()
+    bad_rows: list = []
+    missing: list = []
+    content: list = []
+    referenced: set = set()
     rules = ManifestRules(dataset, split)
     for number, row in rows:
         where = f"{rel}:{number}"
@@ -162,7 +165,8 @@ def _check_manifest(root: Path, dataset: str, split: str, path: Path, args, repo
     clips = len({(r.get("youtube_id"), r.get("start_time")) if r.get("youtube_id") else r.get("_media")
                  for _, r in loaded.rows}) if dataset in CAPTIONED else None
     report.lines.append(f"  {rel}: {len(rows)} rows" + (f", {clips} clips" if clips is not None else "")
-                        + f", media {len(loaded.media)}/{len(referenced)} present, {decoded}/{decoded + len(failures)} sampled decoded")
+                        + f", media {len(loaded.media)}/{len(referenced)} present, "
+                          f"{decoded}/{decoded + len(failures)} sampled decoded")
     if dataset in CAPTIONED and split != "train":
         _check_references(rows, rel, report)
     return loaded
@@ -181,7 +185,8 @@ def _check_references(rows: list[tuple[int, dict]], rel: Path, report: Report) -
     for _, row in rows:
         key = tuple(v if isinstance(v, (str, int, float, type(None))) else repr(v)  # rows of any content
                     for v in (row.get("youtube_id", row.get("audio_path")), row.get("start_time")))
-        refs = row.get("captions") if isinstance(row.get("captions"), list) else [row.get("caption")]
+        captions = row.get("captions")
+        refs = captions if isinstance(captions, list) else [row.get("caption")]
         groups.setdefault(key, []).extend(r for r in refs if isinstance(r, str) and r.strip())
     counts = [len(refs) for refs in groups.values()]
     without = sum(1 for c in counts if c == 0)
@@ -244,11 +249,12 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
                 report.errors.append(f"leakage: {len(shared)} clip(s) and {len(same_files)} audio file(s) are in "
                                      f"audiocaps train and {other.split}: {_limited(shared + same_files)}")
     ctrain = sets.get(("clotho", "train"))
-    for other in (sets[k] for k in (("clotho", "val"), ("clotho", "test")) if k in sets and ctrain):
-        shared = sorted(realfiles(ctrain) & realfiles(other))
-        if shared:
-            report.errors.append(f"leakage: {len(shared)} audio file(s) are in clotho train and {other.split}: "
-                                 f"{_limited(shared)}")
+    if ctrain:
+        for other in (sets[k] for k in (("clotho", "val"), ("clotho", "test")) if k in sets):
+            shared = sorted(realfiles(ctrain) & realfiles(other))
+            if shared:
+                report.errors.append(f"leakage: {len(shared)} audio file(s) are in clotho train and {other.split}: "
+                                     f"{_limited(shared)}")
     vtrain, vval = sets.get(("vqa", "train")), sets.get(("vqa", "val"))
     if vtrain and vval:
         qids = sorted({r["question_id"] for _, r in vtrain.rows} & {r["question_id"] for _, r in vval.rows}, key=str)
@@ -262,7 +268,8 @@ def check_leakage(sets: dict[tuple[str, str], Loaded], blacklist: set[str] | Non
         banned = banned_keys((r.get("youtube_id") for loaded in held for _, r in loaded.rows), blacklist)
         hits = []
         for number, row in wavcaps.rows:
-            if wavcaps_row_is_banned(row, banned) or (row.get("_media") and os.path.realpath(row["_media"]) in held_files):
+            if wavcaps_row_is_banned(row, banned) or (
+                    row.get("_media") and os.path.realpath(row["_media"]) in held_files):
                 hits.append(f"{wavcaps.path.name}:{number} ({row.get('id')})")
         if hits:
             report.errors.append(f"leakage: {len(hits)} WavCaps row(s) are AudioCaps val/test clips"
@@ -299,7 +306,8 @@ def validate(root: Path, args) -> Report:
     blacklist = read_blacklist(Path(args.blacklist)) if args.blacklist else None
     check_leakage(sets, blacklist, report)
     if not report.errors:
-        report.lines.append("  leakage: none found" + (f" (blacklist of {len(blacklist)} ids applied)" if blacklist else ""))
+        applied = f" (blacklist of {len(blacklist)} ids applied)" if blacklist else ""
+        report.lines.append("  leakage: none found" + applied)
     return report
 
 

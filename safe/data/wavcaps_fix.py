@@ -234,9 +234,11 @@ def fix_rows(numbered_rows: list[tuple[int, dict]], index: AudioIndex, audio_dir
         if found.status != "matched":
             counts[found.status] += 1
             where = ", ".join(c.rel for c in found.candidates[:3])
-            problems.append((number, f"{found.status}: {row.get('audio_path')!r}" + (f" (candidates {where})" if where else "")))
+            candidates = f" (candidates {where})" if where else ""
+            problems.append((number, f"{found.status}: {row.get('audio_path')!r}" + candidates))
             rows.append(row)
             continue
+        assert found.file is not None  # a match names its file
         new_path = PurePosixPath(*Path(prefix).parts, *found.file.rel.split("/")).as_posix() if prefix != "." \
             else found.file.rel
         if validate_audio:
@@ -270,7 +272,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     parser.add_argument("--validate-audio", action="store_true", help="also decode the start of every matched file")
     parser.add_argument("--drop-unmatched", action="store_true",
-                        help="leave unmatched/ambiguous rows out of the output (they are listed in <output>.unmatched.txt)")
+                        help="leave unmatched/ambiguous rows out of the output "
+                             "(they are listed in <output>.unmatched.txt)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
     if result.problems:
         action = "left out of" if args.drop_unmatched and not args.dry_run else "still in"
         print(f"{len(result.problems)} row(s) have no usable audio file ({action} the manifest): extract the "
-              f"missing WavCaps audio under {audio_dir} (or pass --audio-dir), remove duplicate files behind ambiguous rows "
+              f"missing WavCaps audio under {audio_dir} (or pass --audio-dir), remove duplicate files behind "
+              "ambiguous rows "
               "or re-download undecodable ones, and run this again; or re-run with --drop-unmatched to train "
               "without them.", file=sys.stderr)
         return 0 if args.drop_unmatched and not args.dry_run else 1

@@ -52,9 +52,10 @@ def _test_loading(wavcaps_dir: Path, manifest: Path, num_samples: int, sample_ra
 
     from safe.data.datasets import WavCapsDataset
 
-    if manifest.parent.resolve() != wavcaps_dir.resolve() or manifest.name not in ("wavcaps_train.jsonl", "train.jsonl"):
-        raise SafeError(f"--test-loading reads the manifest the way training does, as {wavcaps_dir}/wavcaps_train.jsonl; "
-                        f"{manifest} is not that file.")
+    names = ("wavcaps_train.jsonl", "train.jsonl")
+    if manifest.parent.resolve() != wavcaps_dir.resolve() or manifest.name not in names:
+        raise SafeError(f"--test-loading reads the manifest the way training does, as "
+                        f"{wavcaps_dir}/wavcaps_train.jsonl; {manifest} is not that file.")
     with tempfile.TemporaryDirectory(prefix="safe-wavcaps-") as temp:
         # Training reads <data-root>/wavcaps/; a folder named otherwise is reached through a link of that name.
         data_root = wavcaps_dir.parent

@@ -166,8 +166,8 @@ def _meteor_class():
             jar_dir = Path(meteor_module.__file__).resolve().parent
             self.meteor_cmd = [java, "-Dfile.encoding=UTF-8", "-Xmx2G", "-jar",
                                meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
-            self.meteor_p = subprocess.Popen(self.meteor_cmd, cwd=jar_dir, stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self.meteor_p: subprocess.Popen | None = subprocess.Popen(
+                self.meteor_cmd, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             self.lock = threading.Lock()
 
         def close(self) -> None:
@@ -271,10 +271,10 @@ def caption_metrics(predictions, references, cider_only: bool = False, per_item:
     meteor = _meteor_score(java, gts, res)
     spice, note = _spice_score(java, gts, res)
 
-    result = {f"bleu_{k + 1}": 100.0 * float(bleu[k]) for k in range(4)}
+    result: dict[str, float | int | str | None] = {f"bleu_{k + 1}": 100.0 * float(bleu[k]) for k in range(4)}
     result.update(meteor=100.0 * meteor, rouge_l=100.0 * float(rouge), cider=100.0 * float(cider))
     result["spice"] = None if spice is None else 100.0 * spice
-    result["spider"] = None if spice is None else (result["cider"] + result["spice"]) / 2.0
+    result["spider"] = None if spice is None else (100.0 * float(cider) + 100.0 * spice) / 2.0
     result["n"] = len(ids)
     result["note"] = note
     return {**result, **items}

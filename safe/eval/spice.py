@@ -84,8 +84,9 @@ def spice_score(java: str, gts: dict, res: dict) -> tuple[float | None, str | No
         except OSError as exc:
             return None, f"SPICE and SPIDEr are null: SPICE could not start ({exc})."
         if proc.returncode != 0:
-            lines = [l for l in proc.stderr.decode("utf-8", "replace").splitlines() if l.strip()]
-            cause = next((l.strip() for l in lines if "Exception" in l or "Error" in l), lines[-1] if lines else "")
+            lines = [line for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+            cause = next((line.strip() for line in lines if "Exception" in line or "Error" in line),
+                         lines[-1] if lines else "")
             return None, f"SPICE and SPIDEr are null: SPICE failed (exit {proc.returncode}: {cause[:300]})."
         try:
             with open(out_file, encoding="utf-8") as handle:

@@ -92,7 +92,8 @@ def fetch_spice(url: str, dest: Path, sha256: str | None, opts: Options, force: 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"the CoreNLP zip, a mirror or a file (default {DEFAULT_URL})")
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"the CoreNLP zip, a mirror or a file (default {DEFAULT_URL})")
     parser.add_argument("--sha256", help="expected SHA-256 of the zip; a mismatch deletes the download")
     parser.add_argument("--force", action="store_true", help="fetch and install again even if the jars are there")
     parser.add_argument("--keep-archive", action="store_true", help="keep the downloaded zip")

@@ -64,6 +64,9 @@ class TinyConvEncoder(FrozenAudioEncoder):
     ``seed`` alone, so the encoder is reproducible; the tiny base cache also stores them.
     """
 
+    mel: torch.Tensor      # buffers, registered in __init__
+    window: torch.Tensor
+
     def __init__(self, seed: int = 0, sample_rate: int = 16000, clip_seconds: float = 4.0, n_mels: int = 64,
                  channels: int = 128, n_fft: int = 512, hop_length: int = 160):
         super().__init__()
@@ -78,16 +81,18 @@ class TinyConvEncoder(FrozenAudioEncoder):
                               mel_scale="slaney")
         self.register_buffer("mel", torch.tensor(mel, dtype=torch.float32), persistent=False)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.convs = nn.ModuleList([
+        convs = [
             nn.Conv1d(n_mels, channels, kernel_size=5, stride=2, padding=2),
             nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2),
             nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1),
-        ])
+        ]
+        self.convs = nn.ModuleList(convs)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for conv in self.convs:
+            for conv in convs:
                 fan_in = conv.in_channels * conv.kernel_size[0]
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                assert conv.bias is not None  # Conv1d's default bias=True
                 conv.bias.zero_()
         self.encoder_id = "tiny-conv:" + json.dumps(self.config, sort_keys=True)
         self.freeze()
@@ -123,7 +128,8 @@ class TinyConvEncoder(FrozenAudioEncoder):
         directory = Path(directory)
         encoder = cls(**json.loads((directory / "config.json").read_text()))
         encoder.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return encoder.freeze()
+        encoder.freeze()
+        return encoder
 
 
 # ---------------------------------------------------------------------------------------------- CLAP

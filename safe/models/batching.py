@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class BatchBuilder:
         fresh = {}
         if missing:
             encoded = encode_examples(self.tokenizer, [p for p, _ in missing],
-                                      None if answers is None else [a for _, a in missing],
+                                      None if answers is None else [cast(str, a) for _, a in missing],
                                       splice_prefix=self.style.splice_prefix())
             for key, example in zip(missing, encoded):
                 fresh[key] = (np.asarray(example.input_ids, dtype=np.int32),

@@ -16,7 +16,8 @@ from safe.models.staging import require_models
 from safe.quiet import note
 
 
-def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: Path | None = None) -> FrozenAudioEncoder:
+def load_audio_encoder(preset: ModelPreset, device=None, dtype=None,
+                       tiny_dir: Path | None = None) -> FrozenAudioEncoder:
     kind, name = preset.audio_encoder, preset.encoder_path
     if kind == "tiny":
         if preset.audio_encoder_path:
@@ -29,6 +30,7 @@ def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: P
     if kind == "clap":
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
 
+        assert name is not None  # clap has a default checkpoint
         # The audio tower + projection load from a full CLAP checkpoint; the text tower is never loaded.
         full = load_model(ClapAudioModelWithProjection, name, what="CLAP audio encoder", flag="--audio-encoder",
                           dtype=dtype, device=device)
@@ -37,6 +39,7 @@ def load_audio_encoder(preset: ModelPreset, device=None, dtype=None, tiny_dir: P
     if kind == "whisper":
         from transformers import WhisperFeatureExtractor, WhisperModel
 
+        assert name is not None  # whisper has a default checkpoint
         model = load_model(WhisperModel, name, what="Whisper encoder", flag="--audio-encoder", dtype=dtype)
         encoder = model.get_encoder()
         del model                                 # the decoder is never used; drop it right away

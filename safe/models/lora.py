@@ -17,7 +17,8 @@ def attach_lora(base, rank: int, alpha: float | None, targets: tuple[str, ...], 
     from peft.tuners.lora import LoraLayer
 
     pattern = r".*language_model\.layers\.\d+\.self_attn\.(" + "|".join(targets) + r")"
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+    scale = alpha if alpha is not None else 2 * rank
+    config = LoraConfig(r=rank, lora_alpha=scale, lora_dropout=dropout,  # type: ignore[arg-type]  # peft: a float
                         target_modules=pattern, bias="none")
     inject_adapter_in_model(config, base)
     layers = [m for m in base.modules() if isinstance(m, LoraLayer)]

@@ -8,6 +8,7 @@ audio encoder's likewise (CLAP htsat-unfused and Whisper-small defaults).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,15 +19,14 @@ from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
 from safe.quiet import note
 
-
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
-KNOWN_BASES = {
+KNOWN_BASES: dict[str, dict[str, Any]] = {
     "llava-hf/llava-1.5-7b-hf": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=32),
     "llava-hf/llava-1.5-13b-hf": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                                       num_attention_heads=40, num_key_value_heads=40),
 }
-WHISPER_SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
+WHISPER_SMALL: dict[str, Any] = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072)
 
 
@@ -36,11 +36,12 @@ def _known_llava(name: str):
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **KNOWN_BASES[name])
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000, vision_feature_layer=-2,
-                       projector_hidden_act="gelu")
+    # image_token_id: an alias (attribute_map) of image_token_index that the signature does not list
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000,  # type: ignore[call-arg]
+                       vision_feature_layer=-2, projector_hidden_act="gelu")
 
 
-def _cached_config(cls, name: str):
+def _cached_config(cls, name: str | None):
     """``cls.from_pretrained`` from a local folder or the Hugging Face cache only; None when neither has it."""
     try:
         return cls.from_pretrained(name, local_files_only=True)
@@ -79,7 +80,8 @@ def _meta_audio(preset: ModelPreset):
     if preset.audio_encoder == "clap":
         full = _cached_config(ClapConfig, preset.encoder_path)
         config = full.audio_config if full is not None else ClapConfig().audio_config  # htsat-unfused's tower
-        audio = ClapAudioModelWithProjection(config).audio_model
+        # ClapConfig builds audio_config as a ClapAudioConfig (its annotation also allows a dict or None)
+        audio = ClapAudioModelWithProjection(config).audio_model  # type: ignore[arg-type]
         return audio, audio.config.hidden_size
     if preset.audio_encoder == "whisper":
         config = _cached_config(WhisperConfig, preset.encoder_path) or WhisperConfig(**WHISPER_SMALL)

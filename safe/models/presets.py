@@ -22,7 +22,7 @@ class ModelPreset:
     audio_features: str = "patch"            # CLAP: patch sequence (default) or pooled vector
     clip_seconds: float = 10.0
     num_audio_tokens: int = 16               # k
-    pre_pool_steps: int | None = 32          # projector's fixed pre-pool grid (what the feature cache stores); None: off
+    pre_pool_steps: int | None = 32          # projector's fixed pre-pool grid (the feature cache stores it); None: off
     fusion: str = "xattn"                    # xattn | prefix
     xattn_layers: tuple[int, ...] | None = None   # None -> spread over depth
     num_xattn_layers: int = 3
@@ -99,6 +99,23 @@ def get_preset(name: str, **overrides) -> ModelPreset:
     if overrides.get("audio_encoder") == "whisper" and "audio_encoder_path" not in overrides:
         overrides.setdefault("audio_features", "patch")
     return PRESETS[key].replace(**overrides)
+
+
+def preset_for(config) -> ModelPreset:
+    """The model preset a RunConfig's model section names, with its settings applied."""
+    model = config.model
+    overrides = {"fusion": model.fusion, "lora_rank": model.lora_rank, "num_audio_tokens": model.num_audio_tokens,
+                 "xattn_layers": model.xattn_layers, "xattn_gate": model.xattn_gate,
+                 "system_prompt": model.system_prompt,
+                 "pad_to_square": model.pad_to_square}
+    if model.base_model:
+        overrides["base_model"] = model.base_model
+    if model.audio_encoder in AUDIO_ENCODERS:
+        overrides["audio_encoder"] = model.audio_encoder
+    elif model.audio_encoder:  # a hub id or a local folder: CLAP unless the name says Whisper
+        overrides["audio_encoder"] = "whisper" if "whisper" in model.audio_encoder.lower() else "clap"
+        overrides["audio_encoder_path"] = model.audio_encoder
+    return get_preset(model.preset, **overrides)
 
 
 def default_xattn_layers(num_layers: int, count: int) -> tuple[int, ...]:

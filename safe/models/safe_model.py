@@ -129,8 +129,9 @@ class SAFEModel(nn.Module):
             self.fusion.attach(base)
         self.lora: LoraSwitch | None = None
         if preset.lora_rank > 0:
-            layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, preset.lora_targets, preset.lora_dropout)
-            self.lora = LoraSwitch(layers, list(lora_parameters(base).values()))
+            lora_layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, preset.lora_targets,
+                                      preset.lora_dropout)
+            self.lora = LoraSwitch(lora_layers, list(lora_parameters(base).values()))
         # Trainable parts live where the base lives; they stay fp32 (master weights) whatever the base dtype.
         device = embed.device
         if device.type != "meta":
@@ -162,7 +163,8 @@ class SAFEModel(nn.Module):
         trainable = {id(p) for p in self.trainable_parameters()}
         return {name: p for name, p in self.named_parameters() if id(p) not in trainable}
 
-    def param_groups(self, lr_projector: float = 2e-4, lr_adapter: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
+    def param_groups(self, lr_projector: float = 2e-4, lr_adapter: float = 1e-4,
+                     weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups: projector vs adapter (xattn + alpha + LoRA), each with and without weight decay.
         No decay on norms, biases, gates and position embeddings (anything 1-D, the gates, or the positions)."""
         groups: dict[tuple[str, bool], list] = {}
@@ -203,6 +205,7 @@ class SAFEModel(nn.Module):
     def encode_audio(self, waveforms: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Audio tokens [B, k, H] (gradients flow into the projector)."""
         if features is None:
+            assert waveforms is not None, "encode_audio needs waveforms or features"
             features = self.audio_features(waveforms)
         return self.projector(features.to(self.device))
 
@@ -286,6 +289,7 @@ class SAFEModel(nn.Module):
         """Greedy (or beam) decoding; returns the decoded answers only, one per row of ``batch``."""
         if batch.labels is not None:
             raise ValueError("generate() takes a prompt-only batch (build it without answers)")
+        assert self.builder is not None and self.tokenizer is not None, "generate() needs the model's processor"
         tokens = self._audio_tokens(batch, audio_tokens) if gate != 0 else None
         settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                         pad_token_id=self.builder.pad_id, eos_token_id=self.tokenizer.eos_token_id)

@@ -130,7 +130,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def selected_preset(args: argparse.Namespace) -> ModelPreset:
     from safe.config import RunConfig
-    from safe.training.model_factory import preset_for
+    from safe.models.presets import preset_for
 
     config = RunConfig()
     config.model.preset, config.model.audio_encoder, config.model.base_model = \

@@ -5,7 +5,7 @@ and the teacher's distribution at the answer positions (gate 0, no audio). Both 
 base, the question and its image, so they are cached on disk (safe.data.shard_store), filled lazily during training
 and ahead of a sweep by `safe cache-base`. With an entry present, a KL step runs only the student.
 
-Keyed like the evaluation's base predictions (safe.eval.evaluator.BasePredictionCache): the base's fingerprint, the
+Keyed like the evaluation's base predictions (safe.training.evaluator.BasePredictionCache): the base's fingerprint, the
 prompt style, the image preprocessing, decoding, dtype, device type, the VL micro-batch size (padding and batch mates
 can move a greedy answer near a tie) and the torch/transformers versions; not the world size: a training question's
 batch mates come from the run's order, whatever the world size, so they match no other run's anyway. Each entry is
@@ -120,7 +120,7 @@ class BaseWorkCache:
 
     def answers(self, collated: dict) -> dict[str, str]:
         """Cached greedy answers of a collated VQA batch's questions, by question id (missing ones are absent)."""
-        found = {}
+        found: dict[str, str] = {}
         if collated.get("image_paths") is None:
             return found  # a batch that does not say its images (not from the VQA dataset): nothing to look up
         for row, qid in enumerate(map(str, collated["ids"])):
@@ -219,7 +219,7 @@ class TopKTeacher:
 
     def __init__(self, tensors: dict, cache: BaseWorkCache | None = None):
         self.tensors, self.cache = tensors, cache
-        self.bound = None
+        self.bound: float | None = None
 
     def kl(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         t = self.tensors
@@ -238,7 +238,7 @@ class TopKTeacher:
             outside = log_q.scatter(-1, indices, float("inf")).amin(-1)   # log of the smallest tail q_i
             gap = t["next"] + tail_q.log() - log_r - outside
             bound = torch.where(tail_p > 0, tail_p * gap.clamp(min=0), torch.zeros_like(tail_p))
-            self.bound = float(temperature**2 * bound.mean())
+            self.bound = bound_value = float(temperature**2 * bound.mean())
         if self.cache is not None:
-            self.cache.note_bound(self.bound)
+            self.cache.note_bound(bound_value)
         return temperature**2 * per_position.mean()

@@ -18,6 +18,7 @@ Fisher penalty, the null-space projection, when each is refreshed, and their che
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 
@@ -157,7 +158,8 @@ class Retention:
                                               pixel_values=collated["pixel_values"])
         prompt = prompt.with_audio(audio_features=features).to(self.model.device)
         state = torch.get_rng_state()
-        torch.manual_seed(int(np.random.default_rng([self.config.train.seed, step, index, FISHER_SALT]).integers(2**31)))
+        rng = np.random.default_rng([self.config.train.seed, step, index, FISHER_SALT])
+        torch.manual_seed(int(rng.integers(2**31)))
         try:
             return self.model.generate(prompt, gate=1.0, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                        max_new_tokens=self.config.train.generation_max_new_tokens)
@@ -178,7 +180,7 @@ class Retention:
         if not audio_path_open(self.model, self.settings.protect_from_gate):
             return
         if self.fisher is not None and (self.fisher.fisher is None or step % self.settings.fisher_refresh == 0):
-            used = self.fisher.estimate(((lambda b=b: self._nll(b)) for b in self._fisher_batches(step)),
+            used = self.fisher.estimate((functools.partial(self._nll, b) for b in self._fisher_batches(step)),
                                         reduce=self.reduce)
             self.log({"event": "fisher_refresh", "step": step, "samples": used, "kind": self.settings.fisher_kind})
         if self.null_space is not None and (self.null_space.basis is None

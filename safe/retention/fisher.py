@@ -65,6 +65,7 @@ class FisherPenalty:
         total = torch.zeros((), device=device)
         if self.fisher is None:
             return total
+        assert self.anchor is not None  # set together with the Fisher estimate
         for name, fisher in self.fisher.items():
             param = self.params[name]
             drift = param.float() - self.anchor[name].to(param.device)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from safe.models.fusion import XAttnAdapter
-from safe.models.fusion import is_gate  # noqa: F401  (re-exported: the retention code asks here)
+from safe.models.fusion import (
+    XAttnAdapter,
+    is_gate,  # noqa: F401  (re-exported: the retention code asks here)
+)
 
 
 def gate_openness(model: torch.nn.Module) -> float | None:

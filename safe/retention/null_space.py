@@ -16,6 +16,7 @@ could cover; those are left to KL retention.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 
@@ -44,7 +45,7 @@ class NullSpaceProjector:
     def reset(self) -> None:
         self.basis, self.scales, self.samples = None, None, 0
 
-    def _flat(self, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    def _flat(self, tensors: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
         parts = []
         for name, p in self.params.items():
             t = tensors.get(name)
@@ -57,7 +58,11 @@ class NullSpaceProjector:
         vector = self._flat(grads)[None]
         if not torch.isfinite(vector).all() or float(vector.norm()) == 0.0:
             return
-        rows = vector if self.basis is None else torch.cat([self.scales[:, None] * self.basis, vector])
+        if self.basis is None:
+            rows = vector
+        else:
+            assert self.scales is not None  # set together with the basis
+            rows = torch.cat([self.scales[:, None] * self.basis, vector])
         values, vectors = torch.linalg.eigh(rows @ rows.T)          # ascending
         values, vectors = values.flip(0)[: self.rank], vectors.flip(1)[:, : self.rank]
         keep = values > self.eps * float(values[0])
@@ -67,7 +72,7 @@ class NullSpaceProjector:
         self.scales = values.sqrt()
         self.samples += 1
 
-    def _project_(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _project_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
         """tensors[name] -= (Uᵀ U v) restricted to name, in place, for the concatenated v."""
         if self.basis is None:
             return

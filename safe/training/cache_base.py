@@ -100,4 +100,5 @@ def cache_base(config, model, rank: int = 0, world_size: int = 1, num_workers: i
             bar.update(collated["size"] + len(collated["skipped"]))
     cache.flush()
     return {"questions": len(items), "mine": len(mine), "computed": computed,
-            "already_cached": len(mine) - len(pending), "unreadable": skipped, "seconds": time.perf_counter() - started, "cache": str(cache.root)}
+            "already_cached": len(mine) - len(pending), "unreadable": skipped,
+            "seconds": time.perf_counter() - started, "cache": str(cache.root)}

@@ -68,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from safe.config import build_config, load_yaml
     from safe.models.factory import build_audio_encoder
-    from safe.training.model_factory import preset_for
+    from safe.models.presets import preset_for
 
     config = build_config(load_yaml(args.config) if args.config else None, cli_values={
         "model_config": args.model_config, "audio_encoder": args.audio_encoder, "data_root": args.data_root,
@@ -160,7 +160,7 @@ def planned_windows(config, sample_rate: int, clip_seconds: float, eval_splits: 
     data = config.data
     common = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=config.train.seed,
                   allow_outside_paths=data.allow_outside_paths)
-    train = [AudioCapsDataset(data.data_root, "train", training=True, **common)]
+    train: list = [AudioCapsDataset(data.data_root, "train", training=True, **common)]
     if data.use_wavcaps:
         train.append(WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True, **common))
     evaluation = [AudioCapsDataset(data.data_root, split, training=False, **common) for split in eval_splits]

@@ -23,21 +23,22 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
 from safe.errors import SafeError
-from safe.training import faults
 from safe.files import atomic_write
+from safe.training import faults
 from safe.training.outputs import write_json_atomic
 
 KEEP_LAST = 2
 
 
 def _numpy_state() -> str:
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())  # legacy=True (the default): a tuple
     return json.dumps([keys.tolist(), pos, has_gauss, cached])
 
 
@@ -119,8 +120,8 @@ def _folder_step(path: Path) -> tuple[int, int] | None:
 
 def _remove_old(folder: Path, current: Path, step: int) -> None:
     """After the pointer names `current`: drop the folder it replaced (same step), keep KEEP_LAST in all."""
-    others = sorted((_folder_step(p), p) for p in folder.iterdir()
-                    if p != current and p.is_dir() and _folder_step(p) is not None)
+    others = sorted((key, p) for p in folder.iterdir()
+                    if p != current and p.is_dir() and (key := _folder_step(p)) is not None)
     replaced = [p for key, p in others if key[0] == step]
     rest = [p for key, p in others if key[0] != step]
     for old in replaced + rest[: max(0, len(rest) - (KEEP_LAST - 1))]:
@@ -156,8 +157,8 @@ def newest_complete_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    found = [(_folder_step(p), p.stat().st_mtime_ns, p) for p in folder.iterdir()
-             if _folder_step(p) is not None and not p.is_symlink() and is_complete(p)]
+    found = [(key, p.stat().st_mtime_ns, p) for p in folder.iterdir()
+             if (key := _folder_step(p)) is not None and not p.is_symlink() and is_complete(p)]
     return max(found, key=lambda item: (item[0][0], item[1]))[2] if found else None
 
 

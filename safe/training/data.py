@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import bisect
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,16 +53,17 @@ def load_run_data(config, sample_rate: int, clip_seconds: float) -> RunData:
     audio = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, seed=seed, **common)
     weights = data.source_weights
     heldout = heldout_audiocaps(data.data_root, audio)
-    parts = {}
+    parts: dict[str, AudioCapsDataset | WavCapsDataset] = {}  # ClothoDataset is an AudioCapsDataset
     if weights is None or weights.get("audiocaps", 0) > 0:
         parts["audiocaps"] = AudioCapsDataset(data.data_root, "train", training=True, **audio)
     dropped = 0
     if data.use_wavcaps and (weights is None or weights.get("wavcaps", 0) > 0):
         blacklist = read_blacklist(Path(data.wavcaps_blacklist)) if data.wavcaps_blacklist else None
         banned = banned_keys((item.get("youtube_id") for split in heldout.values() for item in split.items), blacklist)
-        parts["wavcaps"] = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True,
-                                          banned=banned, **audio)
-        dropped = len(parts["wavcaps"].dropped_overlap)
+        wavcaps = WavCapsDataset(data.data_root, "train", ratio=data.wavcaps_ratio, training=True,
+                                 banned=banned, **audio)
+        parts["wavcaps"] = wavcaps
+        dropped = len(wavcaps.dropped_overlap)
     if weights is not None and weights.get("clotho", 0) > 0:
         parts["clotho"] = ClothoDataset(data.data_root, "train", training=True, **audio)
     datasets = list(parts.values())
@@ -170,6 +173,10 @@ def rank_batches(size: int, batch_size: int, seed: int, stream: int, epoch: int,
     return batches
 
 
+def _length(dataset: Dataset) -> int:
+    return len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style ones have it
+
+
 class BatchStream:
     """An endless, resumable stream of collated batches over a dataset: (epoch, consumed) is its state."""
 
@@ -182,15 +189,15 @@ class BatchStream:
         self.epoch, self.consumed = 0, 0
         # Positions drawn per source in finished epochs (global: all ranks), for the realised mix.
         self.drawn = np.zeros(len(mix.names), dtype=np.int64) if mix is not None else None
-        self._iterator = None
-        self._loader = None
+        self._iterator: Iterator | None = None
+        self._loader: DataLoader | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.dataset) // (self.batch_size * self.world_size))
+        return -(-_length(self.dataset) // (self.batch_size * self.world_size))
 
     def state(self) -> dict:
-        state = {"epoch": self.epoch, "consumed": self.consumed}
+        state: dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed}
         if self.drawn is not None:
             state["drawn"] = self.drawn.tolist()
         return state
@@ -207,7 +214,8 @@ class BatchStream:
 
     def _drawn_in(self, epoch: int, consumed: int) -> np.ndarray:
         """Per-source counts of the first `consumed` global positions of `epoch` (wrapping as rank_batches does)."""
-        order = epoch_order(len(self.dataset), self.seed, self.stream, epoch, self.lengths, self.mix)
+        assert self.mix is not None  # only asked when the stream has a source mix
+        order = epoch_order(_length(self.dataset), self.seed, self.stream, epoch, self.lengths, self.mix)
         return self.mix.counts(order[np.arange(consumed) % len(order)])
 
     def source_mix(self) -> dict | None:
@@ -238,6 +246,7 @@ class BatchStream:
         while True:
             if self._iterator is None:
                 self._start_epoch()
+            assert self._iterator is not None
             try:
                 batch = next(self._iterator)
             except StopIteration:
@@ -259,7 +268,7 @@ class _EpochBatches:
     def __iter__(self):
         s = self.stream
         epoch = s.epoch
-        for batch in rank_batches(len(s.dataset), s.batch_size, s.seed, s.stream, epoch, s.consumed, s.rank,
+        for batch in rank_batches(_length(s.dataset), s.batch_size, s.seed, s.stream, epoch, s.consumed, s.rank,
                                   s.world_size, s.lengths, s.mix):
             yield [(epoch, index) for index in batch]
 

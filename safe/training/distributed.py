@@ -56,16 +56,18 @@ def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     """Average `.grad` of `params` over ranks in one flattened all-reduce (missing grads count as zero)."""
     if not info.enabled:
         return
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= info.world_size
     offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -109,9 +111,9 @@ def gather_dict(values: dict, info: DistInfo) -> dict:
     """Merge per-rank dicts (e.g. predictions by id) on every rank."""
     if not info.enabled:
         return values
-    parts = [None] * info.world_size
+    parts: list = [None] * info.world_size
     dist.all_gather_object(parts, values)
-    merged = {}
+    merged: dict = {}
     for part in parts:
         merged.update(part)
     return merged

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safe.models.memory import (GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes,
-                                training_state_bytes)
+from safe.models.memory import GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes, training_state_bytes
 from safe.quiet import note
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -97,8 +96,8 @@ def active_parameters(model) -> int:
 def model_figures(config, log=note) -> dict:
     """Part 1, the model alone: parameters, weight memory, where each model comes from."""
     from safe.models.meta import base_config, build_on_meta, count_parameters
+    from safe.models.presets import preset_for
     from safe.models.staging import cached_snapshot, hub_models
-    from safe.training.model_factory import preset_for
 
     preset = preset_for(config)
     model = build_on_meta(preset, log=log)

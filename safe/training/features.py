@@ -16,7 +16,7 @@ from safe.models.projector import pre_pool, pre_pool_grid
 
 def run_grid(config) -> int | None:
     """The pre-pool grid of the run's projector (what its feature-cache entries hold)."""
-    from safe.training.model_factory import preset_for
+    from safe.models.presets import preset_for
 
     preset = preset_for(config)
     return pre_pool_grid(preset.num_audio_tokens, preset.pre_pool_steps)

@@ -7,7 +7,8 @@ import math
 import torch
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to 0, counted in optimizer steps (not micro-batches)."""
     warmup_steps = max(0, min(warmup_steps, total_steps))
 

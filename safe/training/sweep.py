@@ -67,7 +67,8 @@ def _train_in_processes(configs: list, jobs: int) -> list[Path]:
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     work = Path(tempfile.mkdtemp(prefix="safe-sweep-"))
-    pending, running, done = list(configs), [], {}
+    pending, done = list(configs), {}
+    running: list = []
     while pending or running:
         while pending and len(running) < jobs:
             config = pending.pop(0)

@@ -54,7 +54,7 @@ class WandbSink:
 
 
 def make_sinks(run_dir: Path, tensorboard: bool | None, wandb_project: str | None, config: dict) -> list:
-    sinks = []
+    sinks: list = []
     want_tb = tensorboard if tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
     if want_tb:
         try:

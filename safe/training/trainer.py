@@ -17,6 +17,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,21 +25,29 @@ from tqdm import tqdm
 
 from safe.config import RunConfig, field_index
 from safe.errors import SafeError
-from safe.eval.evaluator import Evaluator, distractor_features
+from safe.retention import build_retention
+from safe.retention.gates import gate_openness
+from safe.training import faults
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.data import BatchStream, item_texts, load_run_data
+from safe.training.distributed import (
+    DistInfo,
+    all_true,
+    any_true,
+    average_gradients,
+    average_tensors,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from safe.training.evaluator import Evaluator, distractor_features
 from safe.training.features import attach_feature_cache, audio_batch
-from safe.training.distributed import (DistInfo, all_true, any_true, average_gradients, average_tensors, barrier,
-                                       broadcast_object, init_distributed)
 from safe.training.model_factory import audio_settings, build_model
 from safe.training.outputs import RunLogger, environment, new_run_dir, write_json_atomic
 from safe.training.plots import write_plots
-from safe.training import faults
 from safe.training.run_lock import RunLock
-from safe.training.tracking import make_sinks
 from safe.training.schedule import warmup_cosine
-from safe.retention import build_retention
-from safe.retention.gates import gate_openness
+from safe.training.tracking import make_sinks
 
 AUDIO_STREAM, VL_STREAM = 0, 1
 
@@ -142,6 +151,7 @@ class Trainer:
     def __init__(self, config: RunConfig, dist_info: DistInfo | None = None, device: torch.device | None = None):
         if dist_info is None:
             dist_info, device = init_distributed()
+        assert device is not None, "a Trainer given dist_info needs its device too"
         self.dist, self.device, self.is_main = dist_info, device, dist_info.is_main
         self.config = config
         self.lock: RunLock | None = None
@@ -198,9 +208,9 @@ class Trainer:
         allowed = set(given.train.override_on_resume or ())
         refused = sorted(allowed - RESUMABLE)
         if refused:
-            raise ResumeRefused(f"--override-on-resume {' '.join(refused)}: only {', '.join(sorted(RESUMABLE))} may change "
-                            "when a run resumes; start a new run to change the others.")
-        self.requested_data_root = None
+            raise ResumeRefused(f"--override-on-resume {' '.join(refused)}: only {', '.join(sorted(RESUMABLE))} "
+                            "may change when a run resumes; start a new run to change the others.")
+        self.requested_data_root: str | None = None
         for key in given.explicit:
             if key in RESUME_KEYS:
                 continue
@@ -230,16 +240,18 @@ class Trainer:
                 path = self.run_dir / "config.json"
                 write_json_atomic(path, {**json.loads(path.read_text()), "data_manifests": digests})
             return
-        if getattr(self, "requested_data_root", None) is None:
+        requested = getattr(self, "requested_data_root", None)
+        if requested is None:
             return
         recorded = json.loads((self.run_dir / "config.json").read_text()).get("data_manifests")
         original = self.config.data.data_root
-        self.config.data.data_root = self.requested_data_root
+        self.config.data.data_root = requested
         self._setup_data()
         moved = manifest_digests(self.requested_data_root, self.data)
         if recorded is None or moved != recorded:
-            raise ResumeRefused(f"--data-root {self.requested_data_root} does not hold the manifests {self.run_dir} was "
-                            f"started with (from {original}); resume with the run's own data root, or a copy of it.")
+            raise ResumeRefused(f"--data-root {self.requested_data_root} does not hold the manifests {self.run_dir} "
+                            f"was started with (from {original}); resume with the run's own data root, "
+                            "or a copy of it.")
         self.overridden["data_root"] = {"saved": original, "now": self.requested_data_root}
 
     def _setup_data(self) -> None:
@@ -278,7 +290,8 @@ class Trainer:
         train = self.config.train
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(train.lr_projector, train.lr_adapter, train.weight_decay), fused=True)
-        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size, length_grouping=train.length_grouping)
+        shard: dict[str, Any] = dict(rank=self.dist.rank, world_size=self.dist.world_size,
+                                     length_grouping=train.length_grouping)
         workers = self.config.data.num_workers
         self.audio_stream = BatchStream(self.data.audio_train, train.train_batch_size, train.seed, AUDIO_STREAM,
                                         workers, mix=self.data.source_mix, **shard)
@@ -291,7 +304,7 @@ class Trainer:
 
     def _setup_retention(self) -> None:
         self.retention = build_retention(
-            self.model, self.config, next_vl_batch=lambda: self._next_batch(self.vl_stream),
+            self.model, self.config, next_vl_batch=self._next_vl_batch,
             distractors=self._training_distractors, autocast=self._autocast,
             reduce=lambda tensors: average_tensors(tensors, self.dist), log=lambda record: self.logger.log(record))
 
@@ -358,6 +371,7 @@ class Trainer:
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.run_dir)
+        assert path is not None  # resolve_run_dir resumes only a run that holds a checkpoint
         state = load_checkpoint(path, self.model)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -382,6 +396,10 @@ class Trainer:
         if self.device.type == "cuda" and self.config.train.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _next_vl_batch(self) -> dict:
+        assert self.vl_stream is not None  # retention asks for VQA batches only when the run has VQA data
+        return self._next_batch(self.vl_stream)
 
     def _next_batch(self, stream: BatchStream) -> dict:
         """The next batch with at least one loadable sample; bad samples are counted, never replaced."""
@@ -428,8 +446,8 @@ class Trainer:
         # norm (computed anyway for clipping) non-finite. Clipping scales gradients in place, so a bad step's
         # gradients are dropped below before the optimizer could see them.
         grads = [p for p in self.params.values() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(grads, config.train.grad_clip) if grads else zero
-        figures = torch.stack([grad_norm.float().to(self.device), *losses.values()]).tolist()  # one sync for all
+        total_norm = torch.nn.utils.clip_grad_norm_(grads, config.train.grad_clip) if grads else zero
+        figures = torch.stack([total_norm.float().to(self.device), *losses.values()]).tolist()  # one sync for all
         grad_norm, losses = figures[0], dict(zip(losses, figures[1:]))
         finite = all(math.isfinite(v) for v in figures)
         if not all_true(finite, self.dist):
@@ -556,7 +574,7 @@ class Trainer:
                                 sps=f"{train.train_batch_size * train.gradient_accumulation_steps / elapsed:.1f}")
                 if self.step >= self.total_steps:
                     break
-                evaluate = bool(eval_every) and self.step % eval_every == 0
+                evaluate = bool(eval_every and self.step % eval_every == 0)
                 minutes = train.save_every_minutes
                 due = (save_every and self.step % save_every == 0) or \
                     (minutes and time.monotonic() - self.saved_at >= 60 * minutes)

@@ -5,13 +5,13 @@ tiny conv audio encoder, trainable weights moved off their identity init, a real
 from pathlib import Path
 
 import torch
+from helpers.tiny_model import trainer_state
 
 from safe.config import build_config
 from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained
 from safe.training.checkpoint import save_checkpoint
 from safe.training.model_factory import build_model
 from safe.training.outputs import write_json_atomic
-from helpers.tiny_model import trainer_state
 
 CORPUS = ["USER: <image>\nAnswer the question using a single word or phrase. ASSISTANT:",
           "USER: Describe the sound. ASSISTANT:", "a dog barks red green blue circle"]

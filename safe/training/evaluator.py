@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from safe.cache import cache_dir
 from safe.data.datasets import collate_samples
+from safe.data.feature_cache import FeatureCache
 from safe.data.manifest import write_jsonl
 from safe.eval.bootstrap import paired_bootstrap_ci
 from safe.eval.captions import caption_metrics
@@ -78,7 +80,7 @@ class BasePredictionCache:
     def get_or_compute(self, kind: str, manifest: Path, ids: list, compute, info: DistInfo = DistInfo()) -> dict:
         """Cached predictions, else `compute()` (collective under torchrun: every rank takes the same branch)."""
         path = self._path(kind, manifest, ids)
-        cached = None
+        cached: Any = None
         if path.is_file():
             try:
                 cached = json.loads(path.read_text())
@@ -119,7 +121,7 @@ class Evaluator:
                  distractor_source: str = "audiocaps val"):
         self.model = model
         self.info = info
-        self.feature_cache = None  # set by the trainer when the feature cache is on
+        self.feature_cache: FeatureCache | None = None  # set by the trainer when the feature cache is on
         self.audio_val = audio_val
         self.vqa_val = vqa_val
         if vqa_val is not None:  # images preprocessed in the loader workers, not in the evaluation loop
@@ -156,7 +158,9 @@ class Evaluator:
 
     def _caption_pass(self, dataset) -> tuple[dict, dict, int]:
         """Gate-1 captions of ``dataset``'s items: (predictions by id, references by id, skipped count)."""
-        predictions, references, skipped = {}, {}, 0
+        predictions: dict = {}
+        references: dict = {}
+        skipped = 0
         for collated in self._loader(dataset):
             skipped += len(collated["skipped"])
             if not collated["size"]:
@@ -170,7 +174,7 @@ class Evaluator:
     def _captions(self) -> tuple[dict, dict, dict, dict, int]:
         predictions, references, skipped = self._caption_pass(self.audio_val)
         # The listening control: every clip captioned with another evaluated clip's audio.
-        shuffled = {}
+        shuffled: dict = {}
         if len(self.audio_val) >= 2:
             shuffled, _, _ = self._caption_pass(SwappedAudio(self.audio_val, derangement(len(self.audio_val),
                                                                                          self.seed)))
@@ -181,7 +185,8 @@ class Evaluator:
             # The audio path off: the base answers the caption prompt with no audio, so only the clip ids are
             # needed (no second decode of the clips). This rank's share of the ids, gathered.
             mine = sorted(predictions)[self.info.rank :: self.info.world_size]
-            size, out = self.config.train.val_batch_size, {}
+            size = self.config.train.val_batch_size
+            out: dict = {}
             for start in range(0, len(mine), size):
                 chunk = mine[start : start + size]
                 batch = builder.caption_batch(None, batch_size=len(chunk), ids=chunk)
@@ -201,7 +206,11 @@ class Evaluator:
 
     def _vqa(self) -> tuple[dict, dict, dict, dict, dict, int]:
         builder = self.model.builder
-        safe, distractor, answers, answer_types, skipped = {}, {}, {}, {}, 0
+        safe: dict = {}
+        distractor: dict = {}
+        answers: dict = {}
+        answer_types: dict = {}
+        skipped = 0
         for collated in self._loader(self.vqa_val):
             skipped += len(collated["skipped"])
             if not collated["size"]:
@@ -218,7 +227,7 @@ class Evaluator:
         skipped = sum(gather_dict({self.info.rank: skipped}, self.info).values())
 
         def compute_base():
-            out = {}
+            out: dict = {}
             for collated in self._loader(self.vqa_val):
                 if collated["size"]:
                     batch = builder.from_collated(collated, with_answers=False)
@@ -276,7 +285,7 @@ class Evaluator:
         matched_items = captions.pop("cider_per_item")
         muted_cider = caption_metrics(muted, references, cider_only=True)["cider"]
         metrics = {f"audio_{k}": v for k, v in captions.items() if k not in ("n", "note")}
-        listen = {"audio_cider_shuffled": None, "audio_listen_gain": None, "audio_listen_gain_ci": None}
+        listen: dict[str, Any] = {"audio_cider_shuffled": None, "audio_listen_gain": None, "audio_listen_gain_ci": None}
         if len(shuffled) >= 2:
             # Scored on the clips both passes captioned, with the same references (so the same IDF): the gain is
             # then exactly the mean of the per-clip differences that the bootstrap resamples.
@@ -309,6 +318,7 @@ class Evaluator:
 
     def _write_predictions(self, step, predictions, shuffled, muted, references, base, safe, distractor, answers,
                            answer_types) -> None:
+        assert self.run_dir is not None  # only called for a run with a folder
         folder = self.run_dir / "predictions" / f"step_{step:08d}"
         write_jsonl(folder / "captions.jsonl",
                     ({"id": k, "prediction": predictions[k], "shuffled_audio": shuffled.get(k), "muted": muted[k],

@@ -35,9 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safe.eval.evaluator import Evaluator
     from safe.inference import load_run_model, run_checkpoint
     from safe.training.data import load_run_data
+    from safe.training.evaluator import Evaluator
     from safe.training.features import attach_feature_cache
 
     config, checkpoint = run_checkpoint(args.run, args.checkpoint)

@@ -148,7 +148,7 @@ def test_the_base_answer_cache_misses_when_the_numerics_change(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers.tiny_model import tiny_safe_model
 
-    from safe.eval.evaluator import BasePredictionCache
+    from safe.training.evaluator import BasePredictionCache
 
     model = tiny_safe_model()
     manifest = tmp_path / "vqa.jsonl"

@@ -2,7 +2,7 @@
 
 1. synthesise the medium toy world (deterministic; reused when present),
 2. build or reuse the cached tiny base (trained once, then frozen),
-3. train the five retention variants one after another,
+3. train the five retention variants, two at a time (one thread each),
 4. print the comparison table (also written as markdown, CSV and PNG).
 """
 

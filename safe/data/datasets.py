@@ -108,20 +108,16 @@ class _AudioDataset(_ManifestDataset):
         self.clip_seconds = clip_seconds
         self.training = split == "train" if training is None else training
         self.seed = seed
-        self.epoch = 0
         self.feature_cache = None  # a FeatureCache, set once the encoder is known
         super().__init__(data_root, split, **kwargs)
         # Resolve every path up front so an escaping or absolute path fails at start, not mid-epoch.
         for item in self.items:
             item["path"] = self.resolve(item, "audio_path")
 
-    def set_epoch(self, epoch: int) -> None:
-        """New random crops each epoch. Persistent loader workers keep their own copy of the dataset, so the
-        training stream passes (epoch, index) pairs instead; a plain index uses this epoch."""
-        self.epoch = epoch
-
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        # The training stream passes (epoch, index): persistent loader workers hold their own copy of the dataset,
+        # so the epoch travels with the index. A plain index is epoch 0.
+        epoch, index = index if isinstance(index, tuple) else (0, index)
         item = self.items[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.training else None
         sample = {"kind": "audio", "id": item["id"], "caption": item["references"][0],

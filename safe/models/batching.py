@@ -45,9 +45,6 @@ class SafeBatch:
         """The same batch with other (or no) audio attached, e.g. a distractor clip for a VL batch."""
         return dataclasses.replace(self, audio=audio, audio_features=audio_features)
 
-    def without_labels(self) -> "SafeBatch":
-        return dataclasses.replace(self, labels=None)
-
     def to(self, device, dtype: torch.dtype | None = None) -> "SafeBatch":
         """Move tensors; ``dtype`` applies to pixel values only (ids, masks and audio keep theirs)."""
         def move(t, cast=False):

@@ -64,7 +64,8 @@ class DataConfig:
     # Share of the training audio stream per source, e.g. {"audiocaps": 1, "wavcaps": 0.5}; None: every row alike.
     source_weights: dict[str, float] | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> "DataConfig":
+        """A normalised copy (source weights parsed), or one sentence on the first bad value."""
         from safe.data.mixing import parse_source_weights
 
         if self.use_wavcaps and not 0.0 < self.wavcaps_ratio <= 1.0:
@@ -75,11 +76,11 @@ class DataConfig:
                                 f"not {getattr(self, name)!r}.")
         if self.audio_eval_dataset not in ("audiocaps", "clotho"):
             raise SafeError(f"--audio-eval-dataset must be audiocaps or clotho, not {self.audio_eval_dataset!r}.")
-        self.source_weights = parse_source_weights(self.source_weights)
-        if self.source_weights is not None:
-            if "wavcaps" in self.source_weights and not self.use_wavcaps:
+        weights = parse_source_weights(self.source_weights)
+        if weights is not None:
+            if "wavcaps" in weights and not self.use_wavcaps:
                 raise SafeError("--source-weights names wavcaps but WavCaps is off; add --use-wavcaps.")
-            if self.use_wavcaps and "wavcaps" not in self.source_weights:
+            if self.use_wavcaps and "wavcaps" not in weights:
                 raise SafeError("--use-wavcaps is on but --source-weights gives wavcaps no weight; add wavcaps=W "
                                 "(or drop --use-wavcaps).")
         if self.on_bad_sample not in ("skip", "error"):
@@ -88,6 +89,7 @@ class DataConfig:
             raise SafeError("--num-workers must be >= 0.")
         if self.feature_cache_memory_mb < 0:
             raise SafeError("--feature-cache-memory-mb must be >= 0 (0 turns the in-memory layer off).")
+        return dataclasses.replace(self, source_weights=weights)
 
 
 @dataclass
@@ -103,12 +105,13 @@ class ModelConfig:
     system_prompt: bool | None = None  # None: the preset's (llava-1.5: LLaVA's vicuna_v1 system message on)
     pad_to_square: bool | None = None  # None: the preset's (llava-1.5: pad images to square with the mean colour)
 
-    def validate(self) -> None:
-        self.preset = canonical_preset(self.preset)
+    def validate(self) -> "ModelConfig":
+        """A normalised copy (the preset's canonical name), or one sentence on the first bad value."""
         if self.fusion not in ("xattn", "prefix"):
             raise SafeError(f"--fusion must be xattn or prefix, not {self.fusion!r}.")
         if self.lora_rank < 0:
             raise SafeError("--lora-rank must be >= 0.")
+        return dataclasses.replace(self, preset=canonical_preset(self.preset))
 
 
 @dataclass
@@ -130,7 +133,8 @@ class RetentionConfig:
     base_work_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/base_work or ~/.cache/safe/base_work
     teacher_top_k: int = 0  # 0: cache the teacher's logits exactly; K: the top K + tail mass (error bound reported)
 
-    def validate(self) -> None:
+    def validate(self) -> "RetentionConfig":
+        """A copy (nothing to normalise), or one sentence on the first bad value."""
         for name in ("kl_weight", "fisher_weight", "kl_temperature", "protect_from_gate"):
             if getattr(self, name) < 0:
                 raise SafeError(f"--{name.replace('_', '-')} must be >= 0.")
@@ -149,6 +153,7 @@ class RetentionConfig:
         if self.null_space_rank and self.null_space_samples < self.null_space_rank:
             raise SafeError(f"--null-space-samples ({self.null_space_samples}) must be at least --null-space-rank "
                             f"({self.null_space_rank}): a rank-r basis needs r gradients.")
+        return dataclasses.replace(self)
 
 
 @dataclass
@@ -188,7 +193,8 @@ class TrainConfig:
     tensorboard: bool | None = None  # None: on when the tensorboard package is installed
     wandb_project: str | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> "TrainConfig":
+        """A copy (nothing to normalise), or one sentence on the first bad value."""
         check_variant(self.variant)
         positive = ("train_batch_size", "val_batch_size", "num_epochs", "gradient_accumulation_steps",
                     "generation_max_new_tokens", "num_beams", "max_consecutive_nonfinite", "log_every")
@@ -201,6 +207,7 @@ class TrainConfig:
                 raise SafeError(f"--{name.replace('_', '-')} must be >= 1.")
         if self.lr_projector <= 0 or self.lr_adapter <= 0:
             raise SafeError("Learning rates must be > 0.")
+        return dataclasses.replace(self)
 
 
 @dataclass
@@ -219,12 +226,15 @@ class RunConfig:
         return getattr(getattr(self, field_index()[key]), key)
 
     def validate(self) -> "RunConfig":
-        for part in (self.data, self.model, self.retention, self.train):
+        """A normalised copy of every section (the object itself is left as it was), or one sentence."""
+        parts = {}
+        for name in SECTIONS:
+            part = getattr(self, name)
             bad = section_problems(part)  # values set in code skip apply_overrides' checks
             if bad:
                 raise SafeError(f"Bad setting{'s' if len(bad) > 1 else ''}: {' '.join(bad)}")
-            part.validate()
-        return self
+            parts[name] = part.validate()
+        return dataclasses.replace(self, **parts, explicit=list(self.explicit))
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -335,6 +345,6 @@ def build_config(yaml_values: dict | None = None, cli_values: dict | None = None
     apply_overrides(config, cli_values, source="the command line")
     for key, value in preset_train_defaults(config.model.preset, explicit).items():
         setattr(config.train, key, value)  # resolved here, so config.json records the values used
-    config.validate()
+    config = config.validate()
     config.explicit = sorted(explicit)
     return config

@@ -38,3 +38,15 @@ def test_preset_aliases():
     assert canonical_preset("full") == "llava-1.5-13b" and canonical_preset("demo") == "tiny"
     with pytest.raises(SafeError, match="Unknown model config"):
         canonical_preset("gpt")
+
+
+def test_validate_returns_a_normalised_copy_and_leaves_the_original_alone():
+    from safe.config import RunConfig
+
+    config = RunConfig()
+    config.model.preset = "demo"                                  # an alias of tiny
+    config.data.source_weights = "audiocaps=1"
+    checked = config.validate()
+    assert (checked.model.preset, checked.data.source_weights) == ("tiny", {"audiocaps": 1.0})
+    assert (config.model.preset, config.data.source_weights) == ("demo", "audiocaps=1")   # untouched
+    assert checked.model is not config.model and checked.train is not config.train

@@ -135,7 +135,7 @@ def selected_preset(args: argparse.Namespace) -> ModelPreset:
     config = RunConfig()
     config.model.preset, config.model.audio_encoder, config.model.base_model = \
         args.preset, args.audio_encoder, args.base_model
-    config.model.validate()
+    config.model = config.model.validate()
     return preset_for(config)
 
 

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for key, value in chosen.items():
         if value is not None:
             setattr(config.data, key, None if value == ALL else value)
-    config.data.validate()
+    config.data = config.data.validate()
     model, _ = load_run_model(args.run, str(checkpoint), args.device)
     encoder = model.audio_encoder
     data = load_run_data(config, encoder.sample_rate, encoder.clip_seconds)

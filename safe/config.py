@@ -43,26 +43,59 @@ def canonical_preset(name: str) -> str:
     return get_preset(name).name
 
 
+ALL = "all"  # an evaluation limit meaning the whole split (None in the config)
+
+
+def eval_limit(text: str):
+    """A sample count, or 'all' for the whole split (the flag's parser)."""
+    import argparse
+
+    if text.strip().lower() == ALL:
+        return ALL
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 (or 'all')")
+    return value
+
+
+def setting(default, help: str, **flag) -> Any:
+    """A config field and its command-line flag in one line: ``help`` is the flag's help; ``flag`` holds what the
+    flag needs beyond the field's name, type and default (choices, type, names, dest, nargs, const, default_text).
+    `safe train` builds its flags from these (safe.training.cli), so a setting is declared once."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class DataConfig:
-    data_root: str = DEFAULT_DATA_ROOT
-    use_wavcaps: bool = False
-    wavcaps_ratio: float = 1.0
-    on_bad_sample: str = "skip"
-    allow_outside_paths: bool = False
-    num_workers: int = 2
-    feature_cache: bool = True  # cache frozen audio-encoder outputs on disk
-    feature_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/features or ~/.cache/safe/features
-    feature_cache_memory_mb: float = 1024  # in-memory layer over the disk cache, in the training process
-    wavcaps_blacklist: str | None = None  # ids WavCaps must not train on (WavCaps' own blacklist JSON accepted)
-    max_audio_eval_samples: int | None = 500  # a seeded random subset of the clips when the split is larger
-    max_vl_eval_samples: int | None = 500  # a seeded random subset spread over images when the split is larger
-    eval_seed: int = 0  # seed of the evaluation subsets and distractors: the same for every run, so runs compare
-    audio_eval_split: str = "val"
-    vl_eval_split: str = "val"
-    audio_eval_dataset: str = "audiocaps"  # audiocaps or clotho
-    # Share of the training audio stream per source, e.g. {"audiocaps": 1, "wavcaps": 0.5}; None: every row alike.
-    source_weights: dict[str, float] | None = None
+    data_root: str = setting(DEFAULT_DATA_ROOT, "data folder in the layout of the README")
+    use_wavcaps: bool = setting(False, "add WavCaps training rows")
+    wavcaps_ratio: float = setting(1.0, "fraction of WavCaps rows used (a fixed, seeded subset)")
+    on_bad_sample: str = setting("skip", "an unreadable training sample: skip it (counted) or stop with an error",
+                                 choices=("skip", "error"))
+    allow_outside_paths: bool = setting(False, "accept absolute or escaping media paths in manifests")
+    num_workers: int = setting(2, "DataLoader worker processes")
+    feature_cache: bool = setting(True, "cache frozen audio-encoder outputs on disk")
+    feature_cache_dir: str | None = setting(None, "feature cache folder", default_text="$SAFE_CACHE_DIR/features")
+    feature_cache_memory_mb: float = setting(1024, "in-memory layer over the feature cache in the training process "
+                                             "(0 = off)")
+    wavcaps_blacklist: str | None = setting(None, "file of clip ids WavCaps must not train on (WavCaps' own "
+                                            "blacklist JSON, a JSON list or one id per line); AudioCaps val/test "
+                                            "clips are always dropped")
+    max_audio_eval_samples: int | None = setting(500, "clips per evaluation, or 'all': a seeded random subset when "
+                                                 "the split is larger", type=eval_limit)
+    max_vl_eval_samples: int | None = setting(500, "VQA questions per evaluation, or 'all': a seeded random subset "
+                                              "spread over images when the split is larger", type=eval_limit)
+    eval_seed: int = setting(0, "seed of the evaluation subsets and distractor clips: the same in every run, so "
+                             "runs compare item for item")
+    audio_eval_split: str = setting("val", "audio split evaluated during training (val or test)")
+    vl_eval_split: str = setting("val", "VQA split evaluated during training")
+    audio_eval_dataset: str = setting("audiocaps", "audio evaluation set", choices=("audiocaps", "clotho"))
+    source_weights: dict[str, float] | None = setting(
+        None, "share of the training audio stream per source, e.g. audiocaps=1,wavcaps=0.5[,clotho=0.3]; clotho "
+        "trains on clotho_train.jsonl", type=str, default_text="every row alike")
 
     def validate(self) -> "DataConfig":
         """A normalised copy (source weights parsed), or one sentence on the first bad value."""
@@ -94,16 +127,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
-    base_model: str | None = None  # hub id or local path overriding the preset's base
-    audio_encoder: str | None = None  # "clap", "whisper", "tiny-conv" or a path/hub id
-    fusion: str = "xattn"
-    lora_rank: int = 0
-    num_audio_tokens: int | None = None  # None: the preset's default
-    xattn_layers: list[int] | None = None  # None: spread over depth
-    xattn_gate: str | None = None  # None: the preset's; "layer" (tanh alpha_l) or "token" (per-token gate)
-    system_prompt: bool | None = None  # None: the preset's (llava-1.5: LLaVA's vicuna_v1 system message on)
-    pad_to_square: bool | None = None  # None: the preset's (llava-1.5: pad images to square with the mean colour)
+    preset: str = setting("tiny", "model preset: tiny, llava-1.5-7b, llava-1.5-13b (aliases: demo, full)",
+                          names=("--model-config", "--preset"), dest="model_config",
+                          default_text="tiny on a toy world, llava-1.5-7b on other data")
+    base_model: str | None = setting(None, "hub id or local path of the base LLaVA", default_text="the preset's")
+    audio_encoder: str | None = setting(None, "clap, whisper, or a hub id / local path of the audio encoder",
+                                        default_text="the preset's")
+    fusion: str = setting("xattn", "how audio reaches the LLM: gated cross-attention adapters or prefix tokens",
+                          choices=("xattn", "prefix"))
+    lora_rank: int = setting(0, "LoRA rank on the LLM's projections, active on the SAFE path only (0 = off)")
+    num_audio_tokens: int | None = setting(None, "audio tokens per clip", default_text="the preset's")
+    xattn_layers: list[int] | None = setting(None, "decoder layers that get an xattn adapter",
+                                             default_text="spread over depth")
+    xattn_gate: str | None = setting(None, "xattn gate: one scalar per layer (layer) or a per-token gate on the "
+                                     "query state (token)", choices=("layer", "token"), default_text="layer")
+    system_prompt: bool | None = setting(None, "llava-1.5 presets: LLaVA-1.5's vicuna_v1 system message before "
+                                         "every prompt", default_text="on for llava-1.5")
+    pad_to_square: bool | None = setting(None, "llava-1.5 presets: pad images to square with the mean colour, as "
+                                         "LLaVA-1.5 (off = centre crop)", default_text="on for llava-1.5")
 
     def validate(self) -> "ModelConfig":
         """A normalised copy (the preset's canonical name), or one sentence on the first bad value."""
@@ -116,22 +157,27 @@ class ModelConfig:
 
 @dataclass
 class RetentionConfig:
-    use_vl: bool = True
-    kl_weight: float = 1.0
-    kl_temperature: float = 2.0
-    fisher_weight: float = 0.0  # weight of the Fisher penalty, an estimate of the VL answers' KL drift in nats
-    fisher_refresh: int = 50  # optimizer steps between Fisher estimates (anchor moves with it)
-    fisher_samples: int = 64  # per-sample gradients per estimate
-    fisher_kind: str = "true"  # "true": answers sampled from the model; "empirical": the base's greedy answers
-    null_space_rank: int = 0
-    null_space_refresh: int = 50  # optimizer steps between basis refreshes
-    null_space_samples: int = 16  # per-sample VL gradients merged into the rank-r basis (>= rank)
-    protect_from_gate: float = 0.01  # Fisher and null space start once max|tanh alpha| reaches this
-    distractor_prob: float = 1.0
-    vl_fraction: float = 0.5  # share of micro-batches that are VL retention batches
-    base_work_cache: bool = True  # base answers + teacher logits cached once per base, shared by all runs
-    base_work_cache_dir: str | None = None  # default $SAFE_CACHE_DIR/base_work or ~/.cache/safe/base_work
-    teacher_top_k: int = 0  # 0: cache the teacher's logits exactly; K: the top K + tail mass (error bound reported)
+    use_vl: bool = setting(True, "train on VQA batches with a distractor clip as well", default_text="the variant's")
+    kl_weight: float = setting(1.0, "weight of the KL to the base's answers", default_text="the variant's")
+    kl_temperature: float = setting(2.0, "temperature of the KL distillation")
+    fisher_weight: float = setting(0.0, "weight of the Fisher penalty, an estimate of the VL answers' KL drift in "
+                                   "nats", default_text="the variant's")
+    fisher_refresh: int = setting(50, "optimizer steps between Fisher estimates (the anchor moves with it)")
+    fisher_samples: int = setting(64, "per-sample gradients per Fisher estimate")
+    fisher_kind: str = setting("true", "Fisher from answers sampled from the model (true) or the base's answers "
+                               "(empirical)", choices=("true", "empirical"))
+    null_space_rank: int = setting(0, "rank of the protected VL gradient subspace", default_text="the variant's")
+    null_space_refresh: int = setting(50, "optimizer steps between null-space basis refreshes")
+    null_space_samples: int = setting(16, "per-sample VL gradients per null-space basis (>= rank)")
+    protect_from_gate: float = setting(0.01, "Fisher and null space start once the largest |gate| reaches this")
+    distractor_prob: float = setting(1.0, "probability that a VL retention batch carries a distractor clip")
+    vl_fraction: float = setting(0.5, "share of micro-batches that are VL retention batches")
+    base_work_cache: bool = setting(True, "cache the base's answers and teacher logits on the VQA training "
+                                    "questions once per base, shared by every variant and run (`safe cache-base` "
+                                    "fills it ahead)")
+    base_work_cache_dir: str | None = setting(None, "base-work cache folder", default_text="$SAFE_CACHE_DIR/base_work")
+    teacher_top_k: int = setting(0, "cache the teacher's top K logits + tail mass instead of all of them (0 = "
+                                 "exact); the KL's error bound is logged")
 
     def validate(self) -> "RetentionConfig":
         """A copy (nothing to normalise), or one sentence on the first bad value."""
@@ -158,40 +204,45 @@ class RetentionConfig:
 
 @dataclass
 class TrainConfig:
-    variant: str = "soft_retention"
-    seed: int = 42
-    output_root: str = DEFAULT_OUTPUT_ROOT
-    run_name: str | None = None  # default <YYYYmmdd_HHMMSS>_<variant>
-    train_batch_size: int = 8
-    val_batch_size: int = 16
-    num_epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides num_epochs when set
-    gradient_accumulation_steps: int = 1
-    lr_projector: float = 2e-4
-    lr_adapter: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None  # None: 5% of the optimizer steps
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.1
-    eval_every: int | None = None  # optimizer steps; None: at the end only
-    save_every: int | None = 500  # optimizer steps between checkpoints (also with every evaluation and at the end)
-    log_every: int = 10
-    generation_max_new_tokens: int = 32
-    num_beams: int = 1
-    max_consecutive_nonfinite: int = 10
-    bf16: bool = True  # autocast on CUDA only
-    activation_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
-    # Batches of similar text length (about half the padding). Off by default: on the toy world it cost CIDEr-D
-    # (121.6 -> 82.3 for no_retention at 600 steps): same-length captions there are mostly the same sound, so the
-    # batches stop being a fair sample of the data.
-    length_grouping: bool = False
-    resume: str | None = None  # "auto" (the newest unfinished run of the variant) or a run directory
-    override_on_resume: list[str] | None = None  # settings a resume may change (max_steps, eval_every, ...)
-    re_eval: bool = False  # resuming a completed run: evaluate its last checkpoint again instead of stopping
-    save_every_minutes: float | None = 30.0  # also checkpoint when this much wall time passed since the last one
-    progress: bool = True
-    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
-    wandb_project: str | None = None
+    variant: str = setting("soft_retention", f"retention variant: {', '.join(VARIANTS)}")  # checked in validate()
+    seed: int = setting(42, "training seed")
+    output_root: str = setting(DEFAULT_OUTPUT_ROOT, "where run folders are created")
+    run_name: str | None = setting(None, "run folder name", default_text="<YYYYmmdd_HHMMSS>_<variant>")
+    train_batch_size: int = setting(8, "training samples per micro-batch")
+    val_batch_size: int = setting(16, "evaluation batch size")
+    num_epochs: int = setting(1, "passes over the training audio (unless --max-steps is set)")
+    max_steps: int | None = setting(None, "optimizer steps (overrides --num-epochs)")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    lr_projector: float = setting(2e-4, "learning rate of the audio projector")
+    lr_adapter: float = setting(1e-4, "learning rate of the fusion adapter, its gates and LoRA")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on gates, norms and biases)")
+    warmup_steps: int | None = setting(None, "linear warm-up steps", default_text="5% of the optimizer steps")
+    grad_clip: float = setting(1.0, "gradient norm clip")
+    label_smoothing: float = setting(0.1, "label smoothing of the caption loss")
+    eval_every: int | None = setting(None, "evaluate every N optimizer steps", default_text="at the end only")
+    save_every: int | None = setting(500, "checkpoint every N optimizer steps (also before every evaluation and at "
+                                     "the end)")
+    log_every: int = setting(10, "log training figures every N optimizer steps")
+    generation_max_new_tokens: int = setting(32, "tokens generated per caption or answer in evaluations")
+    num_beams: int = setting(1, "beam width of evaluation decoding (1 = greedy)")
+    max_consecutive_nonfinite: int = setting(10, "non-finite steps in a row (skipped) before the run stops")
+    bf16: bool = setting(True, "bf16 autocast (CUDA only)")
+    activation_checkpointing: bool = setting(False, "recompute the frozen decoder layers' activations in the "
+                                             "backward: less memory, one extra forward")
+    # Off by default: on the toy world it cost CIDEr-D (121.6 -> 82.3 for no_retention at 600 steps): same-length
+    # captions there are mostly the same sound, so the batches stop being a fair sample of the data.
+    length_grouping: bool = setting(False, "batch training items of similar text length together: less padding, "
+                                    "less varied batches")
+    resume: str | None = setting(None, "continue the latest run of this variant under --output-root (no value), "
+                                 "or the run folder given", nargs="?", const="auto")
+    override_on_resume: list[str] | None = setting(None, "settings a resume may change, e.g. max_steps eval_every "
+                                                   "(only how long and how often)")
+    re_eval: bool = setting(False, "resuming a completed run: evaluate its last checkpoint again instead of stopping")
+    save_every_minutes: float | None = setting(30.0, "also checkpoint when this much wall time has passed since the "
+                                               "last checkpoint")
+    progress: bool = setting(True, "show a progress bar")
+    tensorboard: bool | None = setting(None, "write TensorBoard event files", default_text="on when installed")
+    wandb_project: str | None = setting(None, "also log to this Weights & Biases project")
 
     def validate(self) -> "TrainConfig":
         """A copy (nothing to normalise), or one sentence on the first bad value."""

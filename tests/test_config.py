@@ -50,3 +50,29 @@ def test_validate_returns_a_normalised_copy_and_leaves_the_original_alone():
     assert (checked.model.preset, checked.data.source_weights) == ("tiny", {"audiocaps": 1.0})
     assert (config.model.preset, config.data.source_weights) == ("demo", "audiocaps=1")   # untouched
     assert checked.model is not config.model and checked.train is not config.train
+
+
+def test_every_setting_is_a_flag_that_shows_its_real_default_and_reaches_the_config():
+    import argparse
+    import dataclasses
+
+    from safe.config import SECTIONS, RunConfig
+    from safe.training.cli import config_from_args, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    actions = {action.dest: action for action in parser._actions}
+    for section in SECTIONS:
+        for spec in dataclasses.fields(type(getattr(RunConfig(), section))):
+            action = actions[spec.metadata["flag"].get("dest", spec.name)]     # declared once, in the dataclass
+            assert action.default is None                                      # "not given": YAML and presets apply
+            shown = spec.metadata["flag"].get("default_text", spec.default)
+            if not isinstance(shown, bool) and shown is not None:
+                assert f"(default {shown}" in action.help.replace("%%", "%"), (spec.name, action.help)
+    config = config_from_args(parser.parse_args([
+        "--override-on-resume", "max_steps", "eval_every", "--re-eval", "--save-every-minutes", "5",
+        "--grad-clip", "0.5", "--xattn-layers", "1", "3", "--max-vl-eval-samples", "all", "--preset", "demo"]))
+    assert config.train.override_on_resume == ["max_steps", "eval_every"] and config.train.re_eval is True
+    assert (config.train.save_every_minutes, config.train.grad_clip) == (5.0, 0.5)
+    assert config.model.xattn_layers == [1, 3] and config.data.max_vl_eval_samples is None
+    assert config.model.preset == "tiny"

@@ -85,7 +85,7 @@ class ShardStore:
     def __del__(self):
         # A store dropped before exit (the atexit hook only holds a weak reference) writes what it still holds.
         if getattr(self, "_pending", None):
-            _flush_at_exit(lambda: self)
+            _flush_quietly(self)
 
     def __getstate__(self):
         # A copy for a loader worker: it reads what is on disk, and writes nothing (pending entries stay here).
@@ -333,7 +333,13 @@ def _ident(hi, lo) -> bytes:
 def _flush_at_exit(ref) -> None:
     store = ref()
     if store is not None:
-        try:
-            store.flush()
-        except Exception as exc:  # at exit: say it, never mask the real exit status
-            print(f"warning: {store.label}: could not write the last entries to {store.root}: {exc}", file=sys.stderr)
+        _flush_quietly(store)
+
+
+def _flush_quietly(store: ShardStore) -> None:
+    """Write a store's pending entries at exit or when it is dropped: say a failure, never raise (it would mask the
+    real exit status, or be swallowed by the garbage collector)."""
+    try:
+        store.flush()
+    except Exception as exc:
+        print(f"warning: {store.label}: could not write the last entries to {store.root}: {exc}", file=sys.stderr)

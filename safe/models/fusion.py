@@ -87,12 +87,12 @@ class XAttnAdapter(nn.Module):
             return torch.tanh(self.alpha)
         return torch.tanh(self.alpha + self.token_gate(self.norm(hidden)))
 
-    def openness(self) -> float:
-        """How open this gate is: |tanh(alpha)|, or for the token gate the largest |gate| it applied to a token in
-        its last forward with audio (alpha alone would miss a gate opened by its token weights)."""
+    def openness(self) -> torch.Tensor:
+        """How open this gate is (a 0-d tensor): |tanh(alpha)|, or for the token gate the largest |gate| it applied
+        to a token in its last forward with audio (alpha alone would miss a gate opened by its token weights)."""
         if self.token_gate is not None and self.token_gate_seen is not None:
-            return float(self.token_gate_seen)
-        return float(torch.tanh(self.alpha.detach()).abs())
+            return self.token_gate_seen
+        return torch.tanh(self.alpha.detach()).abs()
 
     def forward(self, hidden: torch.Tensor, audio: torch.Tensor, gate: float) -> torch.Tensor:
         dtype = self.q.weight.dtype

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from safe.models.fusion import (
-    XAttnAdapter,
-    is_gate,  # noqa: F401  (re-exported: the retention code asks here)
-)
+from safe.models.fusion import is_gate  # noqa: F401  (re-exported: the retention code asks here)
 
 
 def gate_openness(model: torch.nn.Module) -> float | None:
     """The largest gate over the xattn adapters: max_l |tanh α_l| (0 at the start), or for per-token gates the
-    largest |gate| applied to a token in the last forward with audio; None when there are no gates (prefix fusion)."""
-    adapters = [m for m in model.modules() if isinstance(m, XAttnAdapter)]
-    if not adapters:
+    largest |gate| applied to a token in the last forward with audio; None when there are no gates (prefix fusion).
+    Read every step: the adapters come from the model's fusion module (no walk over the base), one device sync."""
+    fusion = getattr(model, "fusion", None)
+    if fusion is None:
         return None
-    return max(adapter.openness() for adapter in adapters)
+    return float(torch.stack([adapter.openness() for adapter in fusion.adapters.values()]).max())
 
 
 def audio_path_open(model: torch.nn.Module, threshold: float) -> bool:

@@ -7,13 +7,12 @@ import dataclasses
 import os
 import typing
 
-from safe.config import (  # noqa: F401  (safe eval's flags take them from here)
+from safe.config import (
     ALL,
     PRESET_TRAIN_DEFAULTS,
     SECTIONS,
     RunConfig,
     build_config,
-    eval_limit,
     explicit_settings,
     load_yaml,
     preset_train_defaults,

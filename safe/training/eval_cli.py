@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safe.training.cli import ALL, eval_limit
+from safe.config import ALL, eval_limit
 from safe.training.outputs import write_json_atomic
 
 

@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from safe.errors import SafeError
+from safe.models.encoder_registry import ENCODERS, encoder_kind
 
-CLAP_DEFAULT = "laion/clap-htsat-unfused"
-WHISPER_DEFAULT = "openai/whisper-small"
-AUDIO_ENCODERS = ("clap", "whisper", "tiny")
+CLAP_DEFAULT = ENCODERS["clap"].default_checkpoint
+WHISPER_DEFAULT = ENCODERS["whisper"].default_checkpoint
+AUDIO_ENCODERS = tuple(ENCODERS)
 FUSIONS = ("xattn", "prefix")
 
 
@@ -67,7 +68,7 @@ class ModelPreset:
     def encoder_path(self) -> str | None:
         if self.audio_encoder_path:
             return self.audio_encoder_path
-        return {"clap": CLAP_DEFAULT, "whisper": WHISPER_DEFAULT}.get(self.audio_encoder)
+        return ENCODERS[self.audio_encoder].default_checkpoint
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,8 +113,8 @@ def preset_for(config) -> ModelPreset:
         overrides["base_model"] = model.base_model
     if model.audio_encoder in AUDIO_ENCODERS:
         overrides["audio_encoder"] = model.audio_encoder
-    elif model.audio_encoder:  # a hub id or a local folder: CLAP unless the name says Whisper
-        overrides["audio_encoder"] = "whisper" if "whisper" in model.audio_encoder.lower() else "clap"
+    elif model.audio_encoder:  # a hub id or a local folder: its kind from its own config.json
+        overrides["audio_encoder"] = encoder_kind(model.audio_encoder)
         overrides["audio_encoder_path"] = model.audio_encoder
     return get_preset(model.preset, **overrides)
 

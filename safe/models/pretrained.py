@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from safe.errors import SafeError
+from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
-from safe.models.presets import CLAP_DEFAULT, PRESETS, WHISPER_DEFAULT, ModelPreset
+from safe.models.presets import PRESETS, ModelPreset
 from safe.models.safe_model import CONFIG_FILE, TRAINABLE_FILE
 
 CARD_FILE = "README.md"
@@ -57,7 +58,7 @@ def _check_reachable(preset: ModelPreset, folder: Path, base_given: bool, encode
     hub = PRESETS.get(preset.name)
     checks = [("base model", preset.base_model, "base", hub.base_model if hub else None, base_given),
               ("audio encoder", preset.audio_encoder_path, "audio_encoder",
-               {"clap": CLAP_DEFAULT, "whisper": WHISPER_DEFAULT}.get(preset.audio_encoder), encoder_given)]
+               ENCODERS[preset.audio_encoder].default_checkpoint, encoder_given)]
     for what, path, keyword, hub_copy, given in checks:
         if given or not path or path == "tiny" or not looks_like_path(path) or Path(path).expanduser().exists():
             continue

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safe.errors import SafeError
+from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
-from safe.models.presets import CLAP_DEFAULT, PRESETS, WHISPER_DEFAULT, ModelPreset
+from safe.models.presets import PRESETS, ModelPreset
 
 # Weight formats transformers does not load with torch; PyTorch pickles too when the repository has safetensors.
 OTHER_FORMATS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.tflite", "*.mlmodel", "coreml/*",
@@ -65,8 +66,8 @@ def download_flags(preset: ModelPreset) -> list[str]:
     if own is not None and preset.base_model != own.base_model:
         flags += ["--base-model", preset.base_model]
     if own is not None and preset.encoder_path != own.encoder_path and preset.encoder_path:
-        flags += ["--audio-encoder", {WHISPER_DEFAULT: "whisper", CLAP_DEFAULT: "clap"}.get(preset.encoder_path,
-                                                                                          preset.encoder_path)]
+        defaults = {spec.default_checkpoint: kind for kind, spec in ENCODERS.items()}
+        flags += ["--audio-encoder", defaults.get(preset.encoder_path, preset.encoder_path)]
     return flags
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from safe.models.encoder_registry import sample_rate
 from safe.models.presets import preset_for
 
 
 def audio_settings(config) -> tuple[int, float]:
     """(sample rate, clip seconds) the data layer must produce for this run's audio encoder."""
     preset = preset_for(config)
-    rates = {"tiny": 16000, "whisper": 16000, "clap": 48000}
-    return rates[preset.audio_encoder], preset.clip_seconds
+    return sample_rate(preset.audio_encoder, preset.audio_encoder_path), preset.clip_seconds
 
 
 def build_model(config, device: torch.device):

@@ -10,10 +10,13 @@ Built on first use, in this order, then cached (``$SAFE_CACHE_DIR`` or ``~/.cach
    words but has never heard a sound;
 6. the tiny frozen audio encoder (random conv over log-mel, from the seed) saved alongside.
 
-The build is deterministic: it runs on one intra-op thread whatever the machine's load or thread settings (two
-threads split float reductions differently, and a loaded machine built another model), and records a hash of
-its weights in ``tiny_base.json``. A file lock makes concurrent first uses build it once; the entry is written to
-a temporary folder and renamed into place, so readers never see half of it.
+The build is deterministic: it runs on a fixed number of intra-op threads (``THREADS``) whatever the machine's load
+or thread settings (another thread count splits float reductions differently and builds another model), and
+records a hash of its weights in ``tiny_base.json``. It runs in a child process whose OpenMP threads spin at
+barriers only when the machine is idle (``wait_policy``), so a busy machine slows it down instead of stalling it. A
+file lock makes concurrent first
+uses build it once; the entry is written to a temporary folder and renamed into place, so readers never see half
+of it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +51,7 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_att
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
 TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_weight_decay=0.3, vision_batch=64,
-             llm_steps=1400, llm_lr=1e-3, llm_weight_decay=0.3, vqa_batch=32, fresh_fraction=0.5, text_batch=8,
+             llm_steps=1000, llm_lr=1e-3, llm_weight_decay=0.3, vqa_batch=32, fresh_fraction=0.5, text_batch=8,
              warmup=50)
 # Why these settings (medium world, seed 0, toy VQA val accuracy, official metric):
 # - The question comes before the image in the tiny prompt (safe.models.prompts.TINY). With the image first, colour
@@ -58,13 +63,17 @@ TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_weigh
 # - Half of each VQA batch is fresh questions about the same training images (synth.ask_question, the world's own
 #   rules), so the LLM learns the rule rather than the 2000 questions: with 900 steps and only the world's questions,
 #   five other seeds of the model gave 93.7-98.4 % (train 98-99 %, a generalisation gap).
-# - 1400 steps, 8 caption sentences a step: 1100 steps gave 95.3-99.7 % over five model seeds, 1400 steps lifted
-#   the weakest (95.3) to 98.4 %. Half the caption batch costs nothing measurable in caption vocabulary (the
-#   corpus is a few hundred templated sentences) and pays for the steps.
+# - 1000 steps, 8 caption sentences a step: 98.0, 99.4 and 98.3 % for model seeds 0, 1 and 2 (1100 steps: 97.5,
+#   99.8, 99.4; the earlier 1400 steps on one thread: 97.8 % for seed 0, in 237 s). Half the caption batch costs
+#   nothing measurable in caption vocabulary (the corpus is a few hundred templated sentences) and pays for the steps.
+# - Speed (the build's budget is 2.5 minutes on a 2-core machine): two fixed threads (the matmuls are most of a step),
+#   eager attention for training (SDPA's CPU kernel is slower on 23-token rows), the caption sentences in the VQA
+#   rows' forward pass and the frozen tower run once over the images: 115-126 s a build, 0.11 s a step (131 s
+#   from the call, child start included; 254 s beside two busy loops, the same weights).
 # - Weight decay 0.3 on the vision tower and the LLM (0.1 was no better).
 # - Tried and dropped: scenes recombined from the world's cells (lower at equal steps); aligning LLaVA's projector
 #   to the word embeddings, or pretraining it with the vision tower (lower).
-THREADS = 1  # the build's intra-op threads: fixed, so the weights do not depend on the machine's thread settings
+THREADS = 2  # the build's intra-op threads: fixed (never the machine's count), so the weights are the same anywhere
 AUDIO = dict(sample_rate=16000, clip_seconds=4.0, n_mels=64, channels=128)
 COLORS = tuple(TOY_COLORS)  # the toy objects are defined once, in safe.data.synth
 
@@ -191,13 +200,59 @@ def ensure_tiny_base(seed: int = 0, cache_dir: str | Path | None = None, log=pri
         try:
             log(f"Building the tiny base model (seed {seed}, first use only, about two minutes; cached in "
                 f"{target}) ...")
-            info = build_tiny_base(work, seed, log=log, overrides=overrides)
-            (work / "tiny_base.json").write_text(json.dumps(info, indent=1))
+            _build_in_child(work, seed, overrides, log)
             os.rename(work, target)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+CHILD = "import sys; from safe.models.tiny_base import _child_main; _child_main(sys.argv[1:])"
+
+
+def wait_policy() -> str:
+    """OpenMP's wait policy for the build: ACTIVE (threads spin at barriers) when THREADS cores are idle, else PASSIVE
+    (they sleep). Measured on 2 cores, 150 steps: spinning is 20-25 % faster idle, but beside two busy loops it took
+    84-plus seconds where sleeping took 30 (a 1000-step build ran over 19 minutes). The policy never changes the
+    weights (the same digest either way), only the time; libgomp reads it at start-up, hence the child process."""
+    return "ACTIVE" if idle_cores() >= THREADS - 0.25 else "PASSIVE"
+
+
+def idle_cores(seconds: float = 0.3) -> float:
+    """How many cores sat idle over a short look at /proc/stat (Linux); 0.0 where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            ticks = [int(x) for x in handle.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)          # idle + iowait, all (every core together)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _build_in_child(out_dir: Path, seed: int, overrides: dict | None, log) -> None:
+    """Build into ``out_dir`` (weights + ``tiny_base.json``) in a child process; its log lines go to ``log``."""
+    command = [sys.executable, "-c", CHILD, str(out_dir), str(seed), json.dumps(overrides or {})]
+    env = {**os.environ, "OMP_WAIT_POLICY": wait_policy(), "OMP_NUM_THREADS": str(THREADS),
+           "MKL_NUM_THREADS": str(THREADS)}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            log(line.rstrip("\n"))
+    if child.returncode != 0 or not (out_dir / "tiny_base.json").is_file():
+        raise RuntimeError(f"the tiny base build failed (exit status {child.returncode}); its output is above")
+
+
+def _child_main(argv: list[str]) -> None:
+    out_dir, seed, overrides = Path(argv[0]), int(argv[1]), json.loads(argv[2])
+    info = build_tiny_base(out_dir, seed, log=lambda line: print(line, flush=True), overrides=overrides or None)
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")      # the time depends on it, the weights do not
+    (out_dir / "tiny_base.json").write_text(json.dumps(info, indent=1))
 
 
 def weights_digest(model) -> str:
@@ -289,6 +344,25 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@torch.no_grad()
+def _vision_states(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's patch states of every training image, computed once: what LLaVA's projector reads
+    ("default" strategy: the feature layer without its CLS token)."""
+    states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    return states[model.config.vision_feature_layer][:, 1:]
+
+
+def _forward_with_images(model, ids, mask, image_states):
+    """LLaVA's forward with the image features spliced in from precomputed tower states (only the projector runs)."""
+    from safe.models.batching import position_ids_from_mask
+
+    image = model.model.multi_modal_projector(image_states)
+    embeds = model.get_input_embeddings()(ids)
+    slots = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, image.reshape(-1, image.shape[-1]).to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+
+
 def _train_llm(model, builder, vqa_rows, row_image, pixels, image_objects, captions, seed: int, log,
                cfg: dict) -> float:
     import numpy as np
@@ -305,6 +379,7 @@ def _train_llm(model, builder, vqa_rows, row_image, pixels, image_objects, capti
     tokenizer = builder.tokenizer
     model.train()
     model.model.vision_tower.eval()
+    states = _vision_states(model, pixels)   # the tower is frozen: one pass, not one per step
     steps = cfg["llm_steps"]
     # A bar with an ETA on a terminal (disable=None: off when stderr is not a TTY, e.g. CI logs, which get the
     # log lines below instead).
@@ -318,19 +393,28 @@ def _train_llm(model, builder, vqa_rows, row_image, pixels, image_objects, capti
         asker = np.random.default_rng([seed, 3, step])
         for j in range(int(cfg["vqa_batch"] * cfg["fresh_fraction"])):   # fresh questions about the same images
             questions[j], answers[j] = ask_question(image_objects[row_image[idx[j]]], asker)
-        batch = builder.encode("vl", [builder.vqa_prompt(q) for q in questions], answers)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=position_ids_from_mask(batch.attention_mask),
-                    pixel_values=pixels[[row_image[i] for i in idx]])
-        vqa_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
-                                   batch.labels[:, 1:].reshape(-1), ignore_index=-100)
-        # Caption sentences as plain text (no prompt, no audio): the base learns the words only.
+        vqa = builder.encode("vl", [builder.vqa_prompt(q) for q in questions], answers)
+        # Caption sentences as plain text (no prompt, no audio): the base learns the words only. They share the
+        # VQA rows' forward pass (one pass over 40 short rows costs less than two on this CPU).
         texts = [captions[rng.randrange(len(captions))] for _ in range(cfg["text_batch"])]
-        ids, mask = _lm_batch(tokenizer, texts)
-        lm_labels = ids.masked_fill(mask == 0, -100)
-        text_logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-        text_loss = F.cross_entropy(text_logits[:, :-1].reshape(-1, text_logits.shape[-1]),
-                                    lm_labels[:, 1:].reshape(-1), ignore_index=-100)
+        text_ids, text_mask = _lm_batch(tokenizer, texts)
+        width = max(vqa.input_ids.shape[1], text_ids.shape[1])
+        ids = torch.cat([_left_pad(vqa.input_ids, width, builder.pad_id), _left_pad(text_ids, width, builder.pad_id)])
+        mask = torch.cat([_left_pad(vqa.attention_mask, width, 0), _left_pad(text_mask, width, 0)])
+        labels = torch.cat([_left_pad(vqa.labels, width, -100),
+                            _left_pad(text_ids.masked_fill(text_mask == 0, -100), width, -100)])
+        images = [row_image[i] for i in idx]
+        logits = _forward_with_images(model, ids, mask, states[images])
+        if step == 0:   # the hand-made splice must be exactly LLaVA's own image path
+            with torch.no_grad():
+                own = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            pixel_values=pixels[images]).logits
+            torch.testing.assert_close(logits.detach(), own, rtol=1e-4, atol=1e-5)
+        n = len(questions)
+        vqa_loss = F.cross_entropy(logits[:n, :-1].reshape(-1, logits.shape[-1]), labels[:n, 1:].reshape(-1),
+                                   ignore_index=-100)
+        text_loss = F.cross_entropy(logits[n:, :-1].reshape(-1, logits.shape[-1]), labels[n:, 1:].reshape(-1),
+                                    ignore_index=-100)
         loss = vqa_loss + 0.5 * text_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,6 +428,10 @@ def _train_llm(model, builder, vqa_rows, row_image, pixels, image_objects, capti
     for p in model.parameters():
         p.requires_grad_(False)
     return float(vqa_loss.item())
+
+
+def _left_pad(rows: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(rows, (width - rows.shape[1], 0), value=value)
 
 
 def _lm_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,6 +488,9 @@ def _build(out_dir: Path, seed: int, log, cfg: dict, key: str) -> dict:
         tokenizer = build_tokenizer(corpus)
         processor = build_processor(tokenizer)
         model = build_untrained(tokenizer, seed)
+        # Eager attention trains these 23-token rows faster than SDPA's CPU kernel (about 10 %, measured);
+        # the saved model loads with the library's default as usual.
+        model.set_attn_implementation("eager")
         builder = BatchBuilder(tokenizer, processor.image_processor, num_image_tokens(model.config, processor),
                                style=TINY)
         paths, pixels, row_image = _pixel_values(processor, world_dir, train_rows)
@@ -415,6 +506,7 @@ def _build(out_dir: Path, seed: int, log, cfg: dict, key: str) -> dict:
     digest = weights_digest(model)
     log(f"  tiny base: toy VQA val accuracy {100 * accuracy:.1f} % ({len(val_rows)} questions), "
         f"weights {digest[:12]}")
+    model.set_attn_implementation("sdpa")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     TinyConvEncoder(seed=seed, **AUDIO).save(out_dir / "audio_encoder")

@@ -59,10 +59,10 @@ def encoder_kind(source: str) -> str:
         return source
     folder = Path(source).expanduser()
     if folder.is_dir():
-        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() and \
-                "model_type" not in json.loads((folder / "config.json").read_text()):
+        model_type = _model_type(folder / "config.json", source)
+        if model_type is None and (folder / "model.safetensors").is_file():
             return "tiny"   # TinyConvEncoder.save writes its own constructor settings, no model_type
-        return _kind_of_model_type(_model_type(folder / "config.json", source), source)
+        return _kind_of_model_type(model_type, source)
     for spec in ENCODERS.values():
         if source.startswith(spec.known_hub_prefixes):
             return spec.kind

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from safe.errors import SafeError
 from safe.models.encoder_registry import ENCODERS, encoder_kind
 
-CLAP_DEFAULT = ENCODERS["clap"].default_checkpoint
-WHISPER_DEFAULT = ENCODERS["whisper"].default_checkpoint
 AUDIO_ENCODERS = tuple(ENCODERS)
 FUSIONS = ("xattn", "prefix")
 

@@ -62,7 +62,7 @@ def toy_world(directory: Path) -> Path:
 
 def trainer_config(data_root: Path, work: Path, **overrides):
     """A quiet tiny-preset run config with private caches (nothing written to ~/.cache/safe)."""
-    from safe.config import build_config
+    from safe.training.config import build_config
 
     values = {"model_config": "tiny", "data_root": str(data_root), "output_root": str(work / "runs"),
               "feature_cache_dir": str(work / "features"), "base_work_cache_dir": str(work / "base_work"),

@@ -99,8 +99,8 @@ def encoder_shapes() -> dict:
 def cache_sizes() -> dict:
     from safetensors.torch import save
 
+    from safe.core.diskspace import on_disk
     from safe.data.feature_cache import FORMAT
-    from safe.diskspace import on_disk
     from safe.models.projector import pre_pool_grid
 
     grid = pre_pool_grid(16, 32)  # the real presets: k = 16 tokens, 32-step pre-pool grid

@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`; this file only
 routes. User mistakes (SafeError) are printed as one sentence, without a traceback. Every command takes `--verbose`
-(the libraries' own progress bars, off by default: safe.quiet).
+(the libraries' own progress bars, off by default: safe.core.quiet).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from safe.errors import SafeError
-from safe.quiet import add_verbose_flag, library_progress_bars
+from safe.core.commands import run_command
+from safe.core.quiet import add_verbose_flag
 
 # (command path, module, help). A module is imported only when its command is used.
 COMMANDS = [
@@ -21,7 +21,7 @@ COMMANDS = [
     (("eval",), "safe.training.eval_cli", "evaluate a run's checkpoint"),
     (("caption",), "safe.inference", "caption audio files with a trained run"),
     (("ask",), "safe.ask", "ask a trained run a visual question, with or without audio"),
-    (("report",), "safe.report", "compare runs: markdown + CSV table and a PNG"),
+    (("report",), "safe.training.report", "compare runs: markdown + CSV table and a PNG"),
     (("export",), "safe.export", "a run's adapter as a shareable folder with a model card"),
     (("cache-features",), "safe.training.cache_features",
      "encode the audio clips into the feature cache ahead of training"),
@@ -66,32 +66,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(module, args: argparse.Namespace) -> int:
-    library_progress_bars(getattr(args, "verbose", False))
-    try:
-        return int(module.run(args) or 0)
-    except SafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped at once; a training run continues from its last checkpoint with the same command plus "
-              "--resume auto (or --resume RUN_DIR)", file=sys.stderr)
-        return 130
-
-
-def standalone(module_name: str, argv: list[str] | None, prog: str, description: str) -> int:
-    """One command module as its own program (the seed entry points under scripts/ and experiments/)."""
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    module.configure(parser)
-    add_verbose_flag(parser)
-    return _run(module, parser.parse_args(argv))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return _run(importlib.import_module(args._module), args)
+    return run_command(importlib.import_module(args._module), args)
 
 
 if __name__ == "__main__":

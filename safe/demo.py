@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from safe.cli import main as safe_main
-from safe.config import VARIANTS
 from safe.data.synth import synthesize_toy_world
+from safe.training.config import VARIANTS
 
 DEMO_DIR = Path("demo_out")
 # Settings measured to show the toy world's phenomena (docs/design.md, "The toy world") within the time budget

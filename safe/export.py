@@ -13,8 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
-from safe.errors import SafeError
-from safe.files import atomic_write, atomic_write_text
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write, atomic_write_text
 from safe.models.pretrained import CARD_FILE
 from safe.models.safe_model import CONFIG_FILE, TRAINABLE_FILE
 
@@ -47,8 +47,8 @@ def _evaluations(run_dir: Path, config, step: int) -> list[tuple[str, dict]]:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None) -> Path:
     """Write the adapter folder of ``run_dir``'s checkpoint (default: the latest) into ``out_dir``."""
-    from safe.inference import run_checkpoint
     from safe.model_card import model_card
+    from safe.training.load_run import run_checkpoint
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config, source = run_checkpoint(run_dir, checkpoint)

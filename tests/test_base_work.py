@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from safe.config import build_config
 from safe.data.datasets import VQADataset, collate_samples
 from safe.retention import Retention
 from safe.retention.base_work import BaseWorkCache
 from safe.training.cache_base import cache_base
+from safe.training.config import build_config
 from tests.helpers.tiny_model import tiny_safe_model
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from safe.config import build_config
 from safe.data.audio import load_audio
 from safe.data.datasets import AudioCapsDataset
 from safe.data.feature_cache import FeatureCache
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.training.cache_features import cache_features, planned_windows
+from safe.training.config import build_config
 
 
 def config_for(world, cache_dir, **extra):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.tiny_model import tiny_safe_model, trainer_state
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_a_pointer_to_another_runs_checkpoint_is_not_followed(tmp_path, model, s
 
 
 def test_a_corrupt_pointer_falls_back_and_does_not_block_resume_auto(tmp_path, model, state, capsys):
-    from safe.config import build_config
+    from safe.training.config import build_config
     from safe.training.trainer import resolve_run_dir
 
     older = make_run(tmp_path, "20250101_000000_soft_retention", [3], model, state)

@@ -155,7 +155,7 @@ def test_toy_world_clotho_folder_is_the_official_layout_and_converts_identically
 
 
 def test_a_missing_clotho_split_says_how_to_make_it(tmp_path):
-    from safe.errors import SafeError
+    from safe.core.errors import SafeError
 
     with pytest.raises(SafeError, match="No clotho test manifest .* `safe data prepare clotho --csv-dir"):
         ClothoDataset(tmp_path, "test", training=False)

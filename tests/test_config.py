@@ -1,7 +1,7 @@
 import pytest
 
-from safe.config import VARIANTS, build_config, canonical_preset, load_yaml
-from safe.errors import SafeError
+from safe.core.errors import SafeError
+from safe.training.config import VARIANTS, build_config, canonical_preset, load_yaml
 
 
 def test_variant_defaults_and_overrides():
@@ -41,7 +41,7 @@ def test_preset_aliases():
 
 
 def test_validate_returns_a_normalised_copy_and_leaves_the_original_alone():
-    from safe.config import RunConfig
+    from safe.training.config import RunConfig
 
     config = RunConfig()
     config.model.preset = "demo"                                  # an alias of tiny
@@ -56,8 +56,8 @@ def test_every_setting_is_a_flag_that_shows_its_real_default_and_reaches_the_con
     import argparse
     import dataclasses
 
-    from safe.config import SECTIONS, RunConfig
     from safe.training.cli import config_from_args, configure
+    from safe.training.config import SECTIONS, RunConfig
 
     parser = argparse.ArgumentParser()
     configure(parser)

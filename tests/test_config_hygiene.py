@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from safe.config import SECTIONS, RunConfig, build_config, load_yaml
-from safe.errors import SafeError
+from safe.core.errors import SafeError
+from safe.training.config import SECTIONS, RunConfig, build_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from safe.core.errors import SafeError
 from safe.data.datasets import (
     AudioCapsDataset,
     BadSampleError,
@@ -14,7 +15,6 @@ from safe.data.datasets import (
     collate_samples,
 )
 from safe.data.manifest import ManifestError
-from safe.errors import SafeError
 
 
 def _write_manifest(path, rows):

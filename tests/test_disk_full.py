@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers.tiny_model import tiny_safe_model, trainer_state
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from safe.config import build_config
+from safe.training.config import build_config
 from safe.training.data import load_run_data
 from safe.training.evaluator import Evaluator
 from safe.training.model_factory import audio_settings, build_model

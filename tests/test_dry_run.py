@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from safe.config import build_config
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.batching import SafeBatch
 from safe.models.checkpointing import enable_activation_checkpointing
@@ -22,6 +21,7 @@ from safe.models.memory import activation_bytes, recompute_bytes_per_token, step
 from safe.models.presets import ModelPreset, get_preset
 from safe.models.prompts import IGNORE_INDEX
 from safe.models.safe_model import SAFEModel
+from safe.training.config import build_config
 from safe.training.data import load_run_data
 from safe.training.dry_run import data_figures, data_report, model_figures
 from safe.training.model_factory import audio_settings

@@ -8,11 +8,11 @@ import json
 import pytest
 from helpers.local_run import save_clap
 
-from safe.config import RunConfig
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.encoder_registry import ENCODERS, encoder_kind, sample_rate
 from safe.models.presets import preset_for
+from safe.training.config import RunConfig
 from safe.training.model_factory import audio_settings
 
 

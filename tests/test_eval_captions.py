@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.eval import captions
 from safe.eval.captions import caption_metrics, ptb_tokenize
 

@@ -99,7 +99,7 @@ def test_wavcaps_rows_of_audiocaps_eval_clips_or_blacklisted_are_dropped_and_cou
     blacklist = tmp_path / "blacklist_exclude_test_ac.json"
     blacklist.write_text(json.dumps({"AudioSet": ["blacklisted0001"], "FreeSound": []}))
 
-    from safe.config import build_config
+    from safe.training.config import build_config
     from safe.training.data import load_run_data
 
     config = build_config(cli_values={"data_root": str(root), "use_wavcaps": True,
@@ -122,7 +122,7 @@ def test_wavcaps_without_banned_ids_keeps_every_row(toy_world):
 
 
 def test_eval_distractors_are_clips_never_trained_on(toy_world):
-    from safe.config import build_config
+    from safe.training.config import build_config
     from safe.training.data import load_run_data
 
     config = build_config(cli_values={"data_root": str(toy_world), "max_audio_eval_samples": 6})
@@ -178,7 +178,7 @@ def test_an_untrained_model_with_its_gate_open_does_not_listen(toy_world, tmp_pa
     test_toy_run: the gain is far above zero there)."""
     import torch
 
-    from safe.config import build_config
+    from safe.training.config import build_config
     from safe.training.trainer import Trainer
 
     trainer = Trainer(build_config(cli_values={

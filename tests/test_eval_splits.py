@@ -39,7 +39,7 @@ def test_train_flags_reach_the_config():
     assert config.data.source_weights == {"audiocaps": 1.0, "clotho": 0.25}
     with pytest.raises(SystemExit):
         parse("--max-audio-eval-samples", "some")
-    from safe.errors import SafeError
+    from safe.core.errors import SafeError
 
     with pytest.raises(SafeError, match="must be a split name"):
         parse("--audio-eval-split", "../test")

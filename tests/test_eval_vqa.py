@@ -2,7 +2,7 @@
 
 import pytest
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
 
 

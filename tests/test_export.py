@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.local_run import COMMAND, STEP, make_run, save_base, save_clap
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.inference import load_run_model
 from safe.models import SAFEModel
 

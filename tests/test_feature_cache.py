@@ -339,7 +339,7 @@ def test_missing_clip_is_not_the_cache_business(tmp_path, encoder):
 
 @pytest.mark.slow
 def test_training_identical_with_and_without_cache(tmp_path, toy_world):
-    from safe.config import build_config
+    from safe.training.config import build_config
     from safe.training.trainer import Trainer
 
     def train(cache_on: bool, name: str, steps: int) -> dict:

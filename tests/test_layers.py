@@ -2,13 +2,15 @@
 
 Every module under safe/ is parsed (nothing is imported) and each import of a `safe.` module counts, at the top of
 a file or inside a function alike: a late import avoids a cycle at import time, not in the design. Modules are
-grouped by subpackage (safe/data, safe/eval, ...); the top-level modules (safe/config.py, safe/cli.py, ...) form
-the group "safe". Today's order, lowest first: data, eval (metrics only), models, retention, training.
+grouped by subpackage (safe/core, safe/data, ...); the top-level modules (safe/cli.py, safe/inference.py, ...) form
+the group "safe". The layers, lowest first: core (errors, atomic files, caches, settings), data, eval (metrics
+only), models, retention, training, and the top-level entry points, which nothing under safe/ imports.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -127,12 +129,33 @@ def test_no_import_cycle_between_subpackages():
     assert not found, _explain(edges, found)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the top-level modules are both a base layer and the entry points: subpackages import safe.errors/config/"
-    "files/cache/diskspace/quiet/threads, and safe.cli (data/*: standalone), safe.inference (training/eval_cli.py) "
-    "and safe.report (training/sweep.py); safe.config imports safe.data.mixing and safe.models.presets, and "
-    "safe.inference/export/report/demo/model_card import data, eval, models and training"))
 def test_no_import_cycle_through_the_top_level_modules():
     edges = import_graph()
     found = cycles(edges)
     assert not found, _explain(edges, found)
+
+
+LAYERS = ("core", "data", "eval", "models", "retention", "training", ROOT)
+
+
+def test_every_import_goes_down_the_layers():
+    """Stronger than "no cycle": each import points to a lower layer, so the order in docs/design.md holds."""
+    assert set(LAYERS) - {ROOT} == _subpackages(), "a new subpackage needs its place in LAYERS and docs/design.md"
+    upward = {(a, b): where for (a, b), where in import_graph().items() if LAYERS.index(a) < LAYERS.index(b)}
+    assert not upward, "\n".join(f"{a} -> {b}: " + "; ".join(where[:4]) for (a, b), where in sorted(upward.items()))
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The check on a copy of the tree with one upward import added (core importing training) must fail."""
+    import shutil
+
+    copy = tmp_path / "safe"
+    shutil.copytree(SAFE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "core" / "errors.py").write_text((copy / "core" / "errors.py").read_text()
+                                              + "\n\ndef _late():\n    from safe.training import trainer\n")
+    monkeypatch.setattr(sys.modules[__name__], "SAFE", copy)
+    edges = import_graph()
+    assert any(w.startswith("safe/core/errors.py:") for w in edges[("core", "training")])
+    assert cycles(edges)
+    with pytest.raises(AssertionError, match="core -> training"):
+        test_every_import_goes_down_the_layers()

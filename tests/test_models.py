@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.presets import get_preset
 from safe.models.prompts import IGNORE_INDEX, LLAVA_V1, SPLICE_AFTER, TINY, VICUNA_SYSTEM, encode_example

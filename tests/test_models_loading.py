@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.factory import build_safe_model, count_parameters
 from safe.models.presets import default_xattn_layers, get_preset
 from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained

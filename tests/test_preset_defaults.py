@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from safe.cli import build_parser
-from safe.config import build_config
 from safe.training.cli import config_from_args
+from safe.training.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 

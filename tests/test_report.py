@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from safe.report import comparison_figure, find_runs, learning_curves_figure, run_row
 from safe.training.outputs import RunLogger, write_json_atomic
 from safe.training.plots import loss_figure
+from safe.training.report import comparison_figure, find_runs, learning_curves_figure, run_row
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from safe.config import build_config
 from safe.eval.captions import caption_metrics
-from safe.report import COLUMNS, find_runs
+from safe.training.config import build_config
+from safe.training.report import COLUMNS, find_runs
 from safe.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

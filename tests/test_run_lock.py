@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.training.run_lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ with RunLock(sys.argv[1]):
 
 TRY = """
 import sys
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.training.run_lock import RunLock
 try:
     with RunLock(sys.argv[1]):
@@ -34,7 +34,7 @@ except SafeError as exc:
 
 RACE = """
 import sys, time
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.training.run_lock import RunLock
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start at the same instant
 try:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from safe.config import build_config
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.training.checkpoint import latest_checkpoint
+from safe.training.config import build_config
 from safe.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ depend on the world size."""
 import numpy as np
 import pytest
 
-from safe.config import build_config
+from safe.core.errors import SafeError
 from safe.data.datasets import AudioCapsDataset, ClothoDataset, WavCapsDataset
 from safe.data.mixing import SourceMix, parse_source_weights
-from safe.errors import SafeError
+from safe.training.config import build_config
 from safe.training.data import BatchStream, EpochConcatDataset, epoch_order, load_run_data, rank_batches
 
 WEIGHTS = {"audiocaps": 1.0, "wavcaps": 0.5, "clotho": 0.3}

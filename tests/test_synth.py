@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from safe.core.errors import SafeError
 from safe.data import synth
-from safe.errors import SafeError
 
 SMALL = synth.SIZES["small"]
 

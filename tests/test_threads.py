@@ -6,7 +6,7 @@ import sys
 CHECK = """
 import torch
 from safe.models.presets import get_preset
-from safe.threads import set_intra_op_threads
+from safe.core.threads import set_intra_op_threads
 torch.set_num_threads(2)
 print(set_intra_op_threads(get_preset({preset!r}), torch.device("cpu")))
 """

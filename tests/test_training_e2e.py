@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safe.config import build_config
+from safe.training.config import build_config
 from safe.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_non_finite_losses_stop_the_run_with_a_clear_error(toy_world, tmp_path):
     with torch.no_grad():
         for param in trainer.model.projector.parameters():
             param.fill_(float("nan"))
-    from safe.errors import SafeError
+    from safe.core.errors import SafeError
 
     with pytest.raises(SafeError, match="3 optimizer steps in a row had a non-finite loss"):
         trainer.fit()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from safe.config import build_config
+from safe.training.config import build_config
 from safe.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow

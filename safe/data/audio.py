@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 class AudioLoadError(SafeError):

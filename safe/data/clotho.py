@@ -15,8 +15,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from safe.core.errors import SafeError
 from safe.data.manifest import write_jsonl
-from safe.errors import SafeError
 
 # (official name, our split)
 SPLITS = (("development", "train"), ("validation", "val"), ("evaluation", "test"))

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from safe.core.errors import SafeError
 from safe.data.audio import AudioLoadError, audio_info, choose_window, load_audio
 from safe.data.images import ImageLoadError, load_image
 from safe.data.leakage import wavcaps_row_is_banned
 from safe.data.manifest import ManifestError, RowChecker, find_split, iter_jsonl, resolve_media_path
 from safe.data.subsets import spread_subset
-from safe.errors import SafeError
 
 BAD_SAMPLE_POLICIES = ("skip", "error")
 

@@ -27,6 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from safe.core.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write_text
 from safe.data.extract import (
     DEFAULT_MAX_BYTES,
     archive_kind,
@@ -34,9 +37,6 @@ from safe.data.extract import (
     extract_archive,
     parse_size,
 )
-from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
-from safe.errors import SafeError
-from safe.files import atomic_write_text
 
 DATASETS = ("audiocaps", "vqa", "wavcaps")
 DEFAULT_DESTINATION = "experiments/full_training/data"
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data download") -> int:
-    from safe.cli import standalone
+    from safe.core.commands import standalone
 
     return standalone(__name__, argv, prog, "Download and safely extract the SAFE datasets.")
 

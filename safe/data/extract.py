@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from safe.diskspace import disk_full_error, free_bytes, is_disk_full, on_disk
-from safe.errors import SafeError
+from safe.core.diskspace import disk_full_error, free_bytes, is_disk_full, on_disk
+from safe.core.errors import SafeError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 TEMP_PREFIX = ".safe-extract-"

@@ -35,7 +35,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch.utils.data import get_worker_info
 
-from safe.cache import cache_dir
+from safe.core.cache import cache_dir
 from safe.data.file_identity import FileIdentity, FileKeyedStore
 from safe.data.shard_store import SHARD_BYTES, ShardStore
 

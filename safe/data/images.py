@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 class ImageLoadError(SafeError):

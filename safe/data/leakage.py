@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 _AUDIO_SUFFIX = re.compile(r"\.(wav|flac|mp3|ogg|m4a|webm|opus)$", flags=re.IGNORECASE)
 

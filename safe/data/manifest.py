@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write
 from safe.data.row_checks import ManifestRules, field_problems, missing_keys
-from safe.errors import SafeError
-from safe.files import atomic_write
 
 
 class ManifestError(SafeError):
@@ -48,7 +48,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write rows atomically (safe.files: temp file + rename, the file-mode policy, a full disk as one sentence)
+    """Write rows atomically (safe.core.files: temp file + rename, the file-mode policy, a full disk as one sentence)
     so a crash never leaves a truncated manifest."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 SOURCES = ("audiocaps", "wavcaps", "clotho")  # training sources, in the order they are concatenated
 _MIX_SALT = 1  # keeps the mixed order's random stream apart from the plain permutation's

@@ -28,8 +28,8 @@ from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
+from safe.core.errors import SafeError
 from safe.data.manifest import write_jsonl
-from safe.errors import SafeError
 
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
 AUDIO_PREFERENCE = (".flac", ".wav", ".ogg", ".mp3")  # which file wins when one clip exists in several formats

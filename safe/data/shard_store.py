@@ -6,7 +6,7 @@ pending or `flush_seconds` have passed, and at exit):
     <time>-<writer>-<n>.shard    the entries' bytes back to back (blobs the caller made, e.g. safetensors)
     <time>-<writer>-<n>.index    a .npz: a row per entry (16-byte id, shard, offset, size, CRC-32), the shard names
 
-Both are written with `safe.files.atomic_write` (the shard first), so a reader sees a complete shard or none, and
+Both are written with `safe.core.files.atomic_write` (the shard first), so a reader sees a complete shard or none, and
 are never modified afterwards: writers (ranks, runs) never share a file, so no locking is needed. An index row may
 point into another writer's shard: an alias (the same bytes found under a second id).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safe.files import atomic_write
+from safe.core.files import atomic_write
 
 SHARD_BYTES = 64 << 20        # a shard is written once this much is pending
 FLUSH_SECONDS = 300.0         # ... or when the oldest pending entry is this old

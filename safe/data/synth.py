@@ -34,10 +34,10 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from safe.core.diskspace import check_free_space, disk_full_error, free_bytes, is_disk_full
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write_text
 from safe.data.manifest import write_jsonl
-from safe.diskspace import check_free_space, disk_full_error, free_bytes, is_disk_full
-from safe.errors import SafeError
-from safe.files import atomic_write_text
 
 VERSION = "toy-world-2"  # 2: the Clotho-shaped folder
 
@@ -797,7 +797,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data synth") -> int:
-    from safe.cli import standalone
+    from safe.core.commands import standalone
 
     return standalone(__name__, argv, prog, "Write the deterministic toy world.")
 

@@ -16,10 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safe.core.errors import SafeError
 from safe.data.leakage import banned_keys, read_blacklist, wavcaps_row_is_banned
 from safe.data.manifest import ManifestError, find_split, iter_jsonl, resolve_media_path
 from safe.data.row_checks import ManifestRules, field_problems, missing_keys
-from safe.errors import SafeError
 
 # (dataset, split, required). WavCaps is optional, AudioCaps test too.
 EXPECTED = [("audiocaps", "train", True), ("audiocaps", "val", True), ("audiocaps", "test", False),

@@ -19,8 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from safe.core.errors import SafeError
 from safe.data.manifest import iter_jsonl, write_jsonl
-from safe.errors import SafeError
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".m4a", ".webm"}
 MANIFEST_NAMES = ("wavcaps_train.jsonl", "train.jsonl")
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data fix-wavcaps") -> int:
-    from safe.cli import standalone
+    from safe.core.commands import standalone
 
     return standalone(__name__, argv, prog, "Repair WavCaps audio paths in the manifest.")
 

@@ -15,9 +15,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from safe.core.errors import SafeError
 from safe.data.manifest import ManifestError, check_row, iter_jsonl, resolve_media_path
 from safe.data.wavcaps_fix import find_manifest
-from safe.errors import SafeError
 
 
 def _check(manifest: Path, data_root: Path, number: int, row: dict, quick: bool, allow_outside: bool) -> str | None:
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe data validate-wavcaps") -> int:
-    from safe.cli import standalone
+    from safe.core.commands import standalone
 
     return standalone(__name__, argv, prog, "Check that every WavCaps row would load in training.")
 

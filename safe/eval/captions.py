@@ -39,7 +39,7 @@ import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 JAVA_MISSING = ("Java is needed for METEOR and the PTB tokenizer: install a JRE "
                 "(e.g. apt-get install openjdk-17-jre-headless).")

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from safe.cache import cache_dir
+from safe.core.cache import cache_dir
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 SPICE_MAIN = "edu.anu.spice.SpiceScorer"

@@ -18,8 +18,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from safe.core.errors import SafeError
 from safe.data.download import CHUNK, Options, Source, fetch
-from safe.errors import SafeError
 from safe.eval.spice import CORENLP_JARS, user_jar_dir
 
 DEFAULT_URL = "https://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Mapping, Sequence
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 # Marks handled by the punctuation step (the period has its own rule below).
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",

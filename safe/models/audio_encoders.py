@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 class FrozenAudioEncoder(nn.Module):

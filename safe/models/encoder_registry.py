@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
+from safe.core.quiet import note
 from safe.models.audio_encoders import ClapEncoder, FrozenAudioEncoder, TinyConvEncoder, WhisperEncoderWrapper
 from safe.models.loading import default_dtype, load_model, load_pretrained, looks_like_path
 from safe.models.meta import KNOWN_BASES, build_on_meta, count_parameters  # noqa: F401 (imported from here by callers)
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
 from safe.models.staging import require_models
-from safe.quiet import note
 
 
 def load_audio_encoder(preset: ModelPreset, device=None, dtype=None,

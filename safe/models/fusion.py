@@ -119,7 +119,7 @@ class XAttnFusion(nn.Module):
         layers = decoder_layers(base)
         bad = [i for i in self.layer_ids if not 0 <= i < len(layers)]
         if bad:
-            from safe.errors import SafeError
+            from safe.core.errors import SafeError
             raise SafeError(f"--xattn-layers {bad} are outside the base model's {len(layers)} decoder layers "
                             f"(0..{len(layers) - 1}).")
         for i in self.layer_ids:

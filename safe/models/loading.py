@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 def _offline() -> bool:

@@ -23,7 +23,7 @@ def attach_lora(base, rank: int, alpha: float | None, targets: tuple[str, ...], 
     inject_adapter_in_model(config, base)
     layers = [m for m in base.modules() if isinstance(m, LoraLayer)]
     if not layers:
-        from safe.errors import SafeError
+        from safe.core.errors import SafeError
         raise SafeError(f"No LoRA targets {targets} found in the base model's attention layers; "
                         "pass --lora-targets names of its projection modules.")
     return layers

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
+from safe.core.quiet import note
 from safe.models.audio_encoders import FrozenAudioEncoder, TinyConvEncoder
 from safe.models.loading import looks_like_path
 from safe.models.presets import ModelPreset
 from safe.models.safe_model import SAFEModel
-from safe.quiet import note
 
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
 KNOWN_BASES: dict[str, dict[str, Any]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.encoder_registry import ENCODERS, encoder_kind
 
 AUDIO_ENCODERS = tuple(ENCODERS)
@@ -100,21 +100,27 @@ def get_preset(name: str, **overrides) -> ModelPreset:
     return PRESETS[key].replace(**overrides)
 
 
+def resolved_preset(name: str, base_model: str | None = None, audio_encoder: str | None = None,
+                    **overrides) -> ModelPreset:
+    """The preset ``name`` with the user's base model and audio encoder (a kind, or a hub id / local folder whose
+    kind is read from its own config.json) and any other overrides applied (``None`` keeps the preset's)."""
+    if base_model:
+        overrides["base_model"] = base_model
+    if audio_encoder in AUDIO_ENCODERS:
+        overrides["audio_encoder"] = audio_encoder
+    elif audio_encoder:
+        overrides["audio_encoder"] = encoder_kind(audio_encoder)
+        overrides["audio_encoder_path"] = audio_encoder
+    return get_preset(name, **overrides)
+
+
 def preset_for(config) -> ModelPreset:
     """The model preset a RunConfig's model section names, with its settings applied."""
     model = config.model
-    overrides = {"fusion": model.fusion, "lora_rank": model.lora_rank, "num_audio_tokens": model.num_audio_tokens,
-                 "xattn_layers": model.xattn_layers, "xattn_gate": model.xattn_gate,
-                 "system_prompt": model.system_prompt,
-                 "pad_to_square": model.pad_to_square}
-    if model.base_model:
-        overrides["base_model"] = model.base_model
-    if model.audio_encoder in AUDIO_ENCODERS:
-        overrides["audio_encoder"] = model.audio_encoder
-    elif model.audio_encoder:  # a hub id or a local folder: its kind from its own config.json
-        overrides["audio_encoder"] = encoder_kind(model.audio_encoder)
-        overrides["audio_encoder_path"] = model.audio_encoder
-    return get_preset(model.preset, **overrides)
+    return resolved_preset(model.preset, model.base_model, model.audio_encoder, fusion=model.fusion,
+                           lora_rank=model.lora_rank, num_audio_tokens=model.num_audio_tokens,
+                           xattn_layers=model.xattn_layers, xattn_gate=model.xattn_gate,
+                           system_prompt=model.system_prompt, pad_to_square=model.pad_to_square)
 
 
 def default_xattn_layers(num_layers: int, count: int) -> tuple[int, ...]:

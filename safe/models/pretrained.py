@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
 from safe.models.presets import PRESETS, ModelPreset

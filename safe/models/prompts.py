@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_CAPTION_QUESTION = "Describe the sound."

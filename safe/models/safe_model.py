@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safe.errors import SafeError
-from safe.files import atomic_write, atomic_write_text
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write, atomic_write_text
 from safe.models.batching import BatchBuilder, SafeBatch, position_ids_from_mask
 from safe.models.fusion import XAttnFusion, is_gate, splice_prefix
 from safe.models.lora import LoraSwitch, attach_lora, lora_parameters

@@ -14,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
 from safe.models.presets import PRESETS, ModelPreset
@@ -130,14 +130,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def selected_preset(args: argparse.Namespace) -> ModelPreset:
-    from safe.config import RunConfig
-    from safe.models.presets import preset_for
+    from safe.models.presets import resolved_preset
 
-    config = RunConfig()
-    config.model.preset, config.model.audio_encoder, config.model.base_model = \
-        args.preset, args.audio_encoder, args.base_model
-    config.model = config.model.validate()
-    return preset_for(config)
+    return resolved_preset(args.preset, args.base_model, args.audio_encoder)
 
 
 def _offline_message(preset: ModelPreset, missing: list[HubModel], local_dir: Path | None) -> str:

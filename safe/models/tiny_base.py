@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from safe.core.files import current_umask
 from safe.data.synth import COLORS as TOY_COLORS
 from safe.data.synth import SHAPES
-from safe.files import current_umask
 from safe.models.prompts import IMAGE_TOKEN, TINY
 
 FORMAT_VERSION = 4  # bump whenever the build recipe changes: it is part of the cache key
@@ -140,7 +140,7 @@ def prompt_texts() -> list[str]:
 
 
 def cache_root() -> Path:
-    from safe.cache import cache_dir
+    from safe.core.cache import cache_dir
 
     return cache_dir("tiny_base")
 

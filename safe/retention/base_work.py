@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from safe.cache import cache_dir
+from safe.core.cache import cache_dir
+from safe.core.files import atomic_write_text
 from safe.data.file_identity import FileIdentity, FileKeyedStore
 from safe.data.shard_store import SHARD_BYTES, ShardStore
-from safe.files import atomic_write_text
 from safe.models.prompts import IGNORE_INDEX
 
 FORMAT = "safe-base-work-1"

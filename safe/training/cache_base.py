@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safe.config import build_config, load_yaml
+    from safe.training.config import build_config, load_yaml
     from safe.training.model_factory import build_model
 
     config = build_config(load_yaml(args.config) if args.config else None, cli_values={

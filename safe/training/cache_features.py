@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from safe.core.diskspace import DiskFullError, check_free_space, disk_full_error, free_bytes, human_size
+from safe.core.errors import SafeError
 from safe.data.audio import AudioLoadError, audio_info, load_audio, window_count
-from safe.diskspace import DiskFullError, check_free_space, disk_full_error, free_bytes, human_size
-from safe.errors import SafeError
 
 
 def window_policy(text: str) -> int | None:
@@ -66,9 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safe.config import build_config, load_yaml
     from safe.models.factory import build_audio_encoder
     from safe.models.presets import preset_for
+    from safe.training.config import build_config, load_yaml
 
     config = build_config(load_yaml(args.config) if args.config else None, cli_values={
         "model_config": args.model_config, "audio_encoder": args.audio_encoder, "data_root": args.data_root,

@@ -28,9 +28,9 @@ from typing import cast
 import numpy as np
 import torch
 
-from safe.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
-from safe.errors import SafeError
-from safe.files import atomic_write
+from safe.core.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write
 from safe.training import faults
 from safe.training.outputs import write_json_atomic
 

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import typing
 
-from safe.config import (
+from safe.training.config import (
     ALL,
     PRESET_TRAIN_DEFAULTS,
     SECTIONS,
@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
     if values.get("resume") is None and "preset" not in explicit_settings(yaml_values, values):
         # An unnamed preset follows the data: the toy model on a toy world, LLaVA-1.5-7B on real data (a resumed
         # run keeps its own). Chosen before the config is built, so the preset's own defaults apply.
-        from safe.config import DEFAULT_DATA_ROOT
+        from safe.training.config import DEFAULT_DATA_ROOT
         from safe.training.preset_guard import default_preset_for
 
         root = values.get("data_root") or (yaml_values or {}).get("data_root") or \

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from safe.core.errors import SafeError
 from safe.data.datasets import AudioCapsDataset, ClothoDataset, VQADataset, WavCapsDataset, collate_samples
 from safe.data.leakage import banned_keys, read_blacklist
 from safe.data.manifest import ManifestError
 from safe.data.mixing import SourceMix
-from safe.errors import SafeError
 
 EVAL_DATASETS = {"audiocaps": AudioCapsDataset, "clotho": ClothoDataset}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from safe.core.quiet import note
 from safe.models.memory import GIB, activation_bytes, backprop_layers, logits_bytes, step_shapes, training_state_bytes
-from safe.quiet import note
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 WORDS_TO_TOKENS = 1.3          # Llama's tokenizer on English captions, when no tokenizer is at hand

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safe.config import ALL, eval_limit
+from safe.training.config import ALL, eval_limit
 from safe.training.outputs import write_json_atomic
 
 
@@ -35,10 +35,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safe.inference import load_run_model, run_checkpoint
     from safe.training.data import load_run_data
     from safe.training.evaluator import Evaluator
     from safe.training.features import attach_feature_cache
+    from safe.training.load_run import load_run_model, run_checkpoint
 
     config, checkpoint = run_checkpoint(args.run, args.checkpoint)
     chosen = {"data_root": args.data_root, "audio_eval_split": args.split, "audio_eval_dataset": args.dataset,

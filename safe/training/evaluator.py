@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from safe.cache import cache_dir
+from safe.core.cache import cache_dir
 from safe.data.datasets import collate_samples
 from safe.data.feature_cache import FeatureCache
 from safe.data.manifest import write_jsonl

@@ -15,8 +15,8 @@ def audio_settings(config) -> tuple[int, float]:
 
 
 def build_model(config, device: torch.device):
+    from safe.core.threads import set_intra_op_threads
     from safe.models.factory import build_safe_model
-    from safe.threads import set_intra_op_threads
 
     preset = preset_for(config)
     set_intra_op_threads(preset, device)

@@ -13,9 +13,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from safe.diskspace import reporting_disk_full
-from safe.errors import SafeError
-from safe.files import atomic_write_text
+from safe.core.diskspace import reporting_disk_full
+from safe.core.errors import SafeError
+from safe.core.files import atomic_write_text
 
 PACKAGES = ("safe", "torch", "transformers", "peft", "tokenizers", "safetensors", "soundfile", "soxr",
             "numpy", "pycocoevalcap")
@@ -50,7 +50,7 @@ def _json_safe(value):
 
 
 def write_json_atomic(path: str | Path, payload) -> None:
-    """Replace `path` atomically (safe.files: the run's file-mode policy, a full disk as one sentence)."""
+    """Replace `path` atomically (safe.core.files: the run's file-mode policy, a full disk as one sentence)."""
     atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safe.files import atomic_write
+from safe.core.files import atomic_write
 from safe.training.outputs import read_log
 
 # (key, axis label, log scale)

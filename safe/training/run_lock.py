@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 LOCK_FILE = "run.lock"
 

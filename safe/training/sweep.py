@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from safe.config import check_variant
-from safe.errors import SafeError
-from safe.report import write_report
+from safe.core.errors import SafeError
 from safe.training import cli as train_cli
+from safe.training.config import check_variant
+from safe.training.report import write_report
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

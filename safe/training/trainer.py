@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from safe.config import RunConfig, field_index
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 from safe.retention import build_retention
 from safe.retention.gates import gate_openness
 from safe.training import faults
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from safe.training.config import RunConfig, field_index
 from safe.training.data import BatchStream, item_texts, load_run_data
 from safe.training.distributed import (
     DistInfo,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from safe.config import build_config
+from safe.training.config import build_config
 from safe.training.distributed import shutdown
 from safe.training.trainer import Trainer
 

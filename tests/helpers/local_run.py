@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from helpers.tiny_model import trainer_state
 
-from safe.config import build_config
 from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained
 from safe.training.checkpoint import save_checkpoint
+from safe.training.config import build_config
 from safe.training.model_factory import build_model
 from safe.training.outputs import write_json_atomic
 

@@ -13,8 +13,8 @@ from typing import Any, cast
 
 import yaml
 
-from safe.config_checks import BadSetting, checked_value, section_problems
-from safe.errors import SafeError
+from safe.core.errors import SafeError
+from safe.core.settings import BadSetting, checked_value, section_problems, setting
 
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
 DEFAULT_OUTPUT_ROOT = "experiments/full_training/runs"
@@ -59,13 +59,6 @@ def eval_limit(text: str):
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1 (or 'all')")
     return value
-
-
-def setting(default, help: str, **flag) -> Any:
-    """A config field and its command-line flag in one line: ``help`` is the flag's help; ``flag`` holds what the
-    flag needs beyond the field's name, type and default (choices, type, names, dest, nargs, const, default_text).
-    `safe train` builds its flags from these (safe.training.cli), so a setting is declared once."""
-    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from safe.diskspace import reporting_disk_full
+from safe.core.diskspace import reporting_disk_full
 
 
 def current_umask() -> int:

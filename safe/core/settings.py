@@ -1,5 +1,5 @@
-"""Type and range checks for settings, driven by the config dataclasses' fields, so a new field is checked as
-soon as it is declared.
+"""Settings declared once (`setting`: a dataclass field with its flag's help) and their type and range checks,
+driven by the config dataclasses' fields, so a new field is checked as soon as it is declared.
 
 Values arrive from YAML files, config.json and flags. A value must have its field's type: booleans are true or
 false (a string such as "no" is refused, not read as true), integers are integers, a float field also takes an
@@ -15,6 +15,8 @@ import functools
 import math
 import types
 import typing
+from dataclasses import field
+from typing import Any
 
 # Zero would divide by zero (a temperature) or stop learning (a learning rate, a clipping norm of 0).
 POSITIVE = {"lr_projector", "lr_adapter", "kl_temperature", "grad_clip"}
@@ -135,3 +137,10 @@ def section_problems(section) -> list[str]:
         except BadSetting as exc:
             problems.append(str(exc))
     return problems
+
+
+def setting(default, help: str, **flag) -> Any:
+    """A config field and its command-line flag in one line: ``help`` is the flag's help; ``flag`` holds what the
+    flag needs beyond the field's name, type and default (choices, type, names, dest, nargs, const, default_text).
+    `safe train` builds its flags from these (safe.training.cli), so a setting is declared once."""
+    return field(default=default, metadata={"help": help, "flag": flag})

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 # (column, source, key, what it means in one line): source is "validation", "training" or "throughput" in
 # metrics.json. The meanings are printed under the table, so a reader never has to guess.
@@ -196,7 +196,7 @@ def learning_curves_figure(runs: list[Path]):
 
 
 def write_report(runs: list[Path], out_dir: Path) -> dict:
-    from safe.files import atomic_write_text
+    from safe.core.files import atomic_write_text
     from safe.training.plots import save_figure
 
     rows = [run_row(run) for run in runs]

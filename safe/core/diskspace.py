@@ -12,7 +12,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from safe.errors import SafeError
+from safe.core.errors import SafeError
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")

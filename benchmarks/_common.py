@@ -53,7 +53,7 @@ def write_result(name: str, result: dict, out: Path | None = None) -> Path:
 
 
 def toy_world(directory: Path) -> Path:
-    from safe.data.synth import synthesize_toy_world
+    from safe.toy.world import synthesize_toy_world
 
     if not (directory / "toy_world.json").is_file():
         synthesize_toy_world(directory, seed=0, size="small")

@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        from safe.data.synth import synthesize_toy_world
+        from safe.toy.world import synthesize_toy_world
 
         world = Path(tmp) / "world"
         synthesize_toy_world(world, seed=0, size=args.world)

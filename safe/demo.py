@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from safe.cli import main as safe_main
-from safe.data.synth import synthesize_toy_world
+from safe.toy.world import synthesize_toy_world
 from safe.training.config import VARIANTS
 
 DEMO_DIR = Path("demo_out")

@@ -31,7 +31,7 @@ def tone_writer():
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """A small synthesised toy world shared by the data tests (read-only for tests)."""
-    from safe.data.synth import synthesize_toy_world
+    from safe.toy.world import synthesize_toy_world
 
     out = tmp_path_factory.mktemp("toy_world")
     synthesize_toy_world(out, seed=0, size="small")

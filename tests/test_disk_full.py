@@ -145,7 +145,7 @@ def test_extraction_counts_the_blocks_files_take(tmp_path, small_disk):
 
 
 def test_extraction_that_runs_out_of_space_midway_is_one_sentence(tmp_path, small_disk, monkeypatch):
-    from safe.data import extract
+    from safe.staging import extract
 
     # Another process takes the space between the check and the writes: the check is told there is plenty.
     monkeypatch.setattr(extract, "free_bytes", lambda path: 1 << 40)
@@ -172,7 +172,7 @@ def test_synth_refuses_a_disk_too_small_for_the_world(small_disk):
 
 
 def test_synth_that_runs_out_of_space_midway_removes_the_partial_world(small_disk, monkeypatch):
-    from safe.data import synth
+    from safe.toy import world as synth
 
     monkeypatch.setitem(synth.WORLD_BYTES, "small", 1)  # an estimate that is wrong: the writes hit the full disk
     out = small_disk / "world"

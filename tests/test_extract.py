@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from safe.data import extract as extract_module
-from safe.data.extract import UnsafeArchiveError, extract_archive, parse_size, scan_archive
+from safe.staging import extract as extract_module
+from safe.staging.extract import UnsafeArchiveError, extract_archive, parse_size, scan_archive
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,9 @@
 Every module under safe/ is parsed (nothing is imported) and each import of a `safe.` module counts, at the top of
 a file or inside a function alike: a late import avoids a cycle at import time, not in the design. Modules are
 grouped by subpackage (safe/core, safe/data, ...); the top-level modules (safe/cli.py, safe/inference.py, ...) form
-the group "safe". The layers, lowest first: core (errors, atomic files, caches, settings), data, eval (metrics
-only), models, retention, training, and the top-level entry points, which nothing under safe/ imports.
+the group "safe". The layers, lowest first: core (errors, atomic files, caches, settings), data (the runtime
+datasets), staging (offline data tools), toy (the toy world), eval (metrics only), models, retention, training,
+and the top-level entry points, which nothing under safe/ imports.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def test_no_import_cycle_through_the_top_level_modules():
     assert not found, _explain(edges, found)
 
 
-LAYERS = ("core", "data", "eval", "models", "retention", "training", ROOT)
+LAYERS = ("core", "data", "staging", "toy", "eval", "models", "retention", "training", ROOT)
 
 
 def test_every_import_goes_down_the_layers():

@@ -13,7 +13,7 @@ import soundfile as sf
 from PIL import Image
 
 from safe.core.errors import SafeError
-from safe.data import synth
+from safe.toy import world as synth
 
 SMALL = synth.SIZES["small"]
 
@@ -261,7 +261,7 @@ def test_main_cli(tmp_path, capsys):
 
 def test_free_space_estimate_covers_the_small_world(toy_world):
     """The space checked before writing a world is at least what the world takes (seed 0 world of the tests)."""
-    from safe.data.synth import WORLD_BYTES
+    from safe.toy.world import WORLD_BYTES
 
     used = sum(p.stat().st_size for p in toy_world.rglob("*") if p.is_file())
     assert used <= WORLD_BYTES["small"] < 1.3 * used

@@ -10,7 +10,7 @@ import pytest
 
 from safe.data.leakage import id_keys, read_blacklist
 from safe.data.manifest import read_jsonl, write_jsonl
-from safe.data.validate import layout_report
+from safe.staging.validate import layout_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """`safe metrics fetch-spice`: put the Stanford CoreNLP 3.6.0 jars that SPICE needs into the user cache.
 
 The CoreNLP 2015-12-09 release zip (the one pycocoevalcap's own downloader uses) is fetched through the project's
-downloader (safe.data.download: `.part` file resumed with HTTP Range after a dropped connection, retries with
+downloader (safe.staging.download: `.part` file resumed with HTTP Range after a dropped connection, retries with
 backoff, optional SHA-256 check), then only the two jars are taken out of it, each checked to be a readable jar,
 and moved into place atomically. `--url` points at a mirror or a local copy (any zip holding both jars).
 """
@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 from safe.core.errors import SafeError
-from safe.data.download import CHUNK, Options, Source, fetch
 from safe.eval.spice import CORENLP_JARS, user_jar_dir
+from safe.staging.download import CHUNK, Options, Source, fetch
 
 DEFAULT_URL = "https://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"
 MAX_JAR_BYTES = 2 << 30  # the models jar is ~360 MB; anything claiming more is not that jar

@@ -1,7 +1,7 @@
 """The embedded default's base model: a tiny LLaVA that already answers toy VQA (docs/design.md, "The toy world").
 
 Built on first use, in this order, then cached (``$SAFE_CACHE_DIR`` or ``~/.cache/safe``):
-1. a toy world (``safe.data.synth``) in a temporary folder: VQA questions and caption texts;
+1. a toy world (``safe.toy.world``) in a temporary folder: VQA questions and caption texts;
 2. a word-level tokenizer trained on the toy vocabulary (+ the prompt words);
 3. a tiny LLaVA from configs (Llama 128 x 4 layers, CLIP 64 x 2 layers, 48 px images, 16 px patches);
 4. the vision tower pretrained a few seconds on per-patch shape/colour labels, then frozen (as real
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from safe.core.files import current_umask
-from safe.data.synth import COLORS as TOY_COLORS
-from safe.data.synth import SHAPES
 from safe.models.prompts import IMAGE_TOKEN, TINY
+from safe.toy.world import COLORS as TOY_COLORS
+from safe.toy.world import SHAPES
 
 FORMAT_VERSION = 4  # bump whenever the build recipe changes: it is part of the cache key
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -75,7 +75,7 @@ TRAIN = dict(world_size="medium", vision_steps=300, vision_lr=3e-3, vision_weigh
 #   to the word embeddings, or pretraining it with the vision tower (lower).
 THREADS = 2  # the build's intra-op threads: fixed (never the machine's count), so the weights are the same anywhere
 AUDIO = dict(sample_rate=16000, clip_seconds=4.0, n_mels=64, channels=128)
-COLORS = tuple(TOY_COLORS)  # the toy objects are defined once, in safe.data.synth
+COLORS = tuple(TOY_COLORS)  # the toy objects are defined once, in safe.toy.world
 
 
 # ------------------------------------------------------------------------------------- components
@@ -158,7 +158,7 @@ def recipe_version() -> str:
 
 
 def cache_key(seed: int, overrides: dict | None = None) -> str:
-    from safe.data.synth import VERSION
+    from safe.toy.world import VERSION
 
     train = _train_settings(overrides)
     blob = json.dumps({"format": FORMAT_VERSION, "code": recipe_version(), "seed": seed, "text": TEXT,
@@ -368,8 +368,8 @@ def _train_llm(model, builder, vqa_rows, row_image, pixels, image_objects, capti
     import numpy as np
     from tqdm import tqdm
 
-    from safe.data.synth import ask_question
     from safe.models.batching import position_ids_from_mask
+    from safe.toy.world import ask_question
 
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     for p in params:
@@ -471,10 +471,10 @@ def build_tiny_base(out_dir: Path, seed: int = 0, log=print, overrides: dict | N
 
 
 def _build(out_dir: Path, seed: int, log, cfg: dict, key: str) -> dict:
-    from safe.data.synth import synthesize_toy_world
     from safe.models.audio_encoders import TinyConvEncoder
     from safe.models.batching import BatchBuilder
     from safe.models.safe_model import num_image_tokens
+    from safe.toy.world import synthesize_toy_world
 
     started = time.perf_counter()
     torch.manual_seed(seed)

@@ -3,7 +3,7 @@ data layout.
 
 Every URL (http, https, file, or a local path) is fetched into `<destination>/.safe-downloads/<dataset>/`
 as `<name>.part`, resumed with an HTTP Range request after a dropped connection, retried with bounded
-exponential backoff, checked against an optional SHA-256, then either extracted safely (safe.data.extract)
+exponential backoff, checked against an optional SHA-256, then either extracted safely (safe.staging.extract)
 into `<destination>/<dataset>/` or, for a plain file, moved there. A small JSON marker per completed URL makes
 a re-run skip what is already in place. The run ends with a report of what the layout holds and what is
 missing.
@@ -30,7 +30,7 @@ from pathlib import Path
 from safe.core.diskspace import DiskFullError, check_free_space, disk_full_error, is_disk_full
 from safe.core.errors import SafeError
 from safe.core.files import atomic_write_text
-from safe.data.extract import (
+from safe.staging.extract import (
     DEFAULT_MAX_BYTES,
     archive_kind,
     clean_stale_temps,
@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
             # Keep going so that one bad URL does not stop the others; the exit code still reports it.
             failures.append(str(exc))
             print(f"  FAILED {source.dataset}: {exc}", file=sys.stderr)
-    from safe.data.validate import layout_report
+    from safe.staging.validate import layout_report
 
     lines, _missing = layout_report(root, wanted={s.dataset for s in sources})
     print("\n".join(lines))

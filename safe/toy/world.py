@@ -511,7 +511,7 @@ def _write_clotho(root: Path, seed: int, counts: dict, labels: dict) -> dict[str
     """The official Clotho layout (captions CSVs + audio folders), then its manifests through the converter."""
     import csv
 
-    from safe.data import clotho
+    from safe.staging import clotho
 
     folder = root / "clotho"
     summary = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safe.core.errors import SafeError
 from safe.data.manifest import ManifestError, check_row, iter_jsonl, resolve_media_path
-from safe.data.wavcaps_fix import find_manifest
+from safe.staging.wavcaps_fix import find_manifest
 
 
 def _check(manifest: Path, data_root: Path, number: int, row: dict, quick: bool, allow_outside: bool) -> str | None:

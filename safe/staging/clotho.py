@@ -109,7 +109,7 @@ def write_manifests(out: Path, manifests: dict[str, list[dict]]) -> dict[str, Pa
 
 
 def prepare_clotho(args: argparse.Namespace) -> int:
-    from safe.data.prepare import _finish, media_prefix
+    from safe.staging.prepare import _finish, media_prefix
 
     csv_dir, audio_dir = Path(args.csv_dir), Path(args.audio_dir)
     if not csv_dir.is_dir():

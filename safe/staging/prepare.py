@@ -7,7 +7,7 @@ README's data layout.
   COCO image folders; every row keeps all 10 human answers.
 - wavcaps: the per-subset `{"data": [{"id", "caption", "audio", "duration", ...}]}` JSON files plus the audio
   tree, matched file by file as `safe data fix-wavcaps` does.
-- clotho: see safe.data.clotho.
+- clotho: see safe.staging.clotho.
 
 Media paths are written relative to the output folder (the one resolver rule); a media folder elsewhere is
 reached through a symlink created inside the output folder. Rows whose media is missing are never dropped
@@ -140,7 +140,7 @@ class AudioCapsIndex:
     """Audio files keyed by the YouTube id their name carries (`<yid>`, `Y<yid>`, `<yid>_<start>...`)."""
 
     def __init__(self, audio_dir: Path):
-        from safe.data.wavcaps_fix import scan_audio_tree
+        from safe.staging.wavcaps_fix import scan_audio_tree
 
         self.by_key: dict[str, list[tuple[str, str]]] = defaultdict(list)  # key -> [(rel path, rest of name)]
         for files in scan_audio_tree(audio_dir).by_stem.values():
@@ -400,7 +400,7 @@ def _subset_name(path: Path, json_dir: str | None) -> str:
 
 
 def prepare_wavcaps(args: argparse.Namespace) -> int:
-    from safe.data.wavcaps_fix import fix_rows, scan_audio_tree
+    from safe.staging.wavcaps_fix import fix_rows, scan_audio_tree
 
     out = Path(args.out) if args.out else Path(args.data_root) / "wavcaps"
     out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +472,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     wavcaps.add_argument("--json-dir", help="folder searched for metadata JSON files")
     wavcaps.add_argument("--audio-dir", help="audio tree with one folder per subset (default: <out>/audio)")
     common(wavcaps, "wavcaps")
-    from safe.data import clotho
+    from safe.staging import clotho
 
     clotho_parser = kinds.add_parser("clotho", help="Clotho captions CSVs + audio folders -> clotho_*.jsonl")
     clotho.configure(clotho_parser)
@@ -481,7 +481,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.prepare_kind == "clotho":
-        from safe.data.clotho import prepare_clotho
+        from safe.staging.clotho import prepare_clotho
 
         return prepare_clotho(args)
     return {"audiocaps": prepare_audiocaps, "vqa": prepare_vqa, "wavcaps": prepare_wavcaps}[args.prepare_kind](args)

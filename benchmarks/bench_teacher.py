@@ -90,7 +90,7 @@ def main() -> None:
         batches, tops = [], []
         for _ in range(4):
             collated = trainer._next_batch(trainer.vl_stream)
-            batch = trainer.retention.vl_batch(collated, trainer._training_distractors(collated["ids"]))
+            batch = trainer.retention.vl_batch(collated, trainer._training_distractors(collated.ids))
             batches.append(batch)
             with torch.no_grad():
                 teacher = model(batch.with_audio(None), gate=0.0).answer_logits().float()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from safe.data.datasets import VQADataset, collate_samples
+from safe.data.collate import collate_samples
+from safe.data.datasets import VQADataset
 from safe.retention import Retention
 from safe.retention.base_work import BaseWorkCache
 from safe.training.cache_base import cache_base
@@ -63,7 +64,7 @@ def retention(model, config, base_work):
 
 def kl_of(model, config, collated, base_work):
     torch.manual_seed(0)
-    features = torch.randn(collated["size"], 13, model.audio_encoder.feature_dim)
+    features = torch.randn(collated.size, 13, model.audio_encoder.feature_dim)
     component = retention(model, config, base_work)
     batch = component.vl_batch(collated, features)
     return component.kl(batch)
@@ -76,7 +77,7 @@ def test_a_warm_cache_gives_the_uncached_kl_and_runs_only_the_student(model, col
     assert uncached > 0
     cold_cache = BaseWorkCache.for_run(model, config)
     cold = kl_of(model, config, collated, cold_cache)      # computes and stores answers + teacher logits
-    assert torch.equal(cold, uncached) and cold_cache.stats["stored"] == collated["size"]
+    assert torch.equal(cold, uncached) and cold_cache.stats["stored"] == collated.size
     cold_cache.flush()
     counting = Counting(model, monkeypatch)
     warm_cache = BaseWorkCache.for_run(model, config)     # another run of the same base
@@ -108,7 +109,7 @@ def test_a_top_k_teacher_is_within_its_reported_bound(model, collated, toy_world
     cache = BaseWorkCache.for_run(model, topk_config)
     component = retention(model, topk_config, cache)
     torch.manual_seed(0)
-    batch = component.vl_batch(collated, torch.randn(collated["size"], 13, model.audio_encoder.feature_dim))
+    batch = component.vl_batch(collated, torch.randn(collated.size, 13, model.audio_encoder.feature_dim))
     teacher = cache.teacher(batch)
     approx = component.kl(batch)
     bound = cache.stats["topk_kl_error_bound_max"]

@@ -7,12 +7,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from safe.core.errors import SafeError
+from safe.data.collate import AudioItems, Items, VQAItems, collate_samples
 from safe.data.datasets import (
     AudioCapsDataset,
     BadSampleError,
     VQADataset,
     WavCapsDataset,
-    collate_samples,
 )
 from safe.data.manifest import ManifestError
 
@@ -70,15 +70,15 @@ def test_missing_and_corrupt_files_are_counted_skips(audio_root):
     ds = AudioCapsDataset(audio_root, "train", sample_rate=16000, clip_seconds=1.0)
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_samples, num_workers=2)
     batches = list(loader)
-    skipped = [s for b in batches for s in b["skipped"]]
-    kept = sum(b["size"] for b in batches)
+    skipped = [s for b in batches for s in b.skipped]
+    kept = sum(b.size for b in batches)
     assert kept == 4 and len(skipped) == 4  # nothing lost: every row is either loaded or reported
     assert {s["id"] for s in skipped} == {"r10", "r11", "r20", "r21"}
     assert any("does not exist" in s["reason"] for s in skipped)
     assert any("cannot decode" in s["reason"] for s in skipped)
     for batch in batches:  # skipped samples are never replaced by silence
-        if batch["size"]:
-            assert batch["audio"].abs().amax(dim=1).min() > 0.1
+        if batch.size:
+            assert batch.audio.abs().amax(dim=1).min() > 0.1
 
 
 def test_error_policy_raises(audio_root):
@@ -148,8 +148,19 @@ def test_vqa_dataset_and_collate(tmp_path):
     _write_manifest(root / "vqa" / "vqa_val.jsonl", rows)
     ds = VQADataset(root, "val")
     batch = collate_samples([ds[0], ds[1]])
-    assert batch["kind"] == "vl" and batch["ids"] == [1] and batch["images"][0].mode == "RGB"
-    assert batch["answers"] == [["x"] * 10] and batch["skipped"][0]["id"] == 2
+    assert isinstance(batch, VQAItems) and batch.ids == [1] and batch.images[0].mode == "RGB"
+    assert batch.answers == [["x"] * 10] and batch.skipped[0]["id"] == 2
+    # A batch of bad items only: its records and nothing else, so the loop counts them and moves on.
+    only_bad = collate_samples([ds[1], ds[1]])
+    assert type(only_bad) is Items and only_bad.size == 0 and [s["id"] for s in only_bad.skipped] == [2, 2]
+
+
+def test_a_vqa_row_is_a_batch_of_one(toy_world):
+    batch = collate_samples([VQADataset(toy_world, "val")[i] for i in range(3)])
+    row = batch.row(1)
+    assert isinstance(row, VQAItems) and row.size == 1 and row.skipped == [] and row.images is not None
+    assert (row.ids, row.questions, row.answers) == (batch.ids[1:2], batch.questions[1:2], batch.answers[1:2])
+    assert row.images[0] is batch.images[1] and row.pixel_values is None
 
 
 def test_vqa_images_preprocessed_in_loader_workers_equal_the_batch_processor(toy_world):
@@ -163,7 +174,7 @@ def test_vqa_images_preprocessed_in_loader_workers_equal_the_batch_processor(toy
     loader = DataLoader(prepared, batch_size=6, num_workers=2, collate_fn=collate_samples)
     (from_workers,) = list(loader)
     from_images = collate_samples([plain[i] for i in range(6)])
-    assert from_workers["images"] is None and from_workers["pixel_values"].shape[0] == 6
+    assert from_workers.images is None and from_workers.pixel_values.shape[0] == 6
     builder = BatchBuilder(processor.tokenizer, processor.image_processor, 9)
     a = builder.from_collated(from_workers, with_answers=True)
     b = builder.from_collated(from_images, with_answers=True)
@@ -173,7 +184,8 @@ def test_vqa_images_preprocessed_in_loader_workers_equal_the_batch_processor(toy
 def test_collate_refuses_mixed_batches(audio_root, tmp_path):
     audio_item = AudioCapsDataset(audio_root, "train", sample_rate=16000, clip_seconds=0.1)[0]
     batch = collate_samples([audio_item, audio_item])
-    assert isinstance(batch["audio"], torch.Tensor) and batch["audio"].shape == (2, 1600)
+    assert isinstance(batch, AudioItems) and batch.audio is not None and batch.audio.shape == (2, 1600)
+    assert batch.audio_index == [0, 1] and batch.features is None and batch.size == 2
     with pytest.raises(ValueError, match="homogeneous"):
         collate_samples([audio_item, {"kind": "vl", "id": 1}])
 
@@ -190,7 +202,7 @@ def test_toy_world_loads_with_zero_skips(toy_world):
     for ds in datasets:
         loader = DataLoader(ds, batch_size=8, collate_fn=collate_samples)
         batches = list(loader)
-        assert sum(len(b["skipped"]) for b in batches) == 0
-        assert sum(b["size"] for b in batches) == len(ds)
+        assert sum(len(b.skipped) for b in batches) == 0
+        assert sum(b.size for b in batches) == len(ds)
     val = datasets[1]
     assert all(len(item["references"]) == 5 for item in val.items)

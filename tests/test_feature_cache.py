@@ -11,7 +11,8 @@ import soundfile as sf
 import torch
 
 from safe.data.audio import load_audio, window_starts
-from safe.data.datasets import AudioCapsDataset, collate_samples
+from safe.data.collate import collate_samples
+from safe.data.datasets import AudioCapsDataset
 from safe.data.feature_cache import FeatureCache
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.training.features import batch_features
@@ -82,7 +83,7 @@ def test_dataset_serves_cached_features_equal_to_fresh(tmp_path, toy_world, enco
     assert model.calls == calls  # no encoder call on a warm cache
     assert torch.equal(first, second)
     # A fresh encode of the same batch gives the same bits as the cache.
-    assert torch.equal(second, encoder(collate_samples(items)["audio"]))
+    assert torch.equal(second, encoder(collate_samples(items).audio))
     # One clip at a time agrees to float rounding only: the encoder's conv/einsum kernels are batch-size
     # dependent at ~1e-6 (measured), so the cache is bit-exact w.r.t. the batch a feature was first encoded in.
     for item in again:

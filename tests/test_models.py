@@ -156,6 +156,20 @@ def test_batches_are_left_padded_with_positions_from_first_token(parts):
         assert batch.labels[row, : first[row]].eq(IGNORE_INDEX).all()
 
 
+def test_moving_a_batch_casts_pixels_only(parts):
+    model = make_model(parts, perturb=False)
+    batch = vl_batch(model)
+    moved = batch.to("cpu", torch.bfloat16)
+    assert moved.pixel_values is not None and moved.pixel_values.dtype == torch.bfloat16
+    assert moved.input_ids.dtype == batch.input_ids.dtype and moved.audio is not None
+    assert moved.audio.dtype == torch.float32 and moved.labels is not None and moved.labels.dtype == torch.long
+    assert moved.ids == batch.ids and moved.kind == "vl" and moved.audio_features is None
+    assert torch.equal(moved.input_ids, batch.input_ids) and torch.equal(moved.splice_pos, batch.splice_pos)
+    names = []
+    batch.map_tensors(lambda name, t: names.append(name) or t)
+    assert names == ["input_ids", "attention_mask", "splice_pos", "labels", "pixel_values", "audio"]
+
+
 # ---------------------------------------------------------------------------------- base equality
 
 

@@ -52,8 +52,8 @@ def test_the_stream_trains_on_what_the_mix_reports(toy_world):
     try:
         for _ in range(stream.batches_per_epoch + 5):  # past an epoch boundary
             batch = stream.next()
-            assert not batch["skipped"]
-            for path in batch["audio_paths"]:
+            assert not batch.skipped
+            for path in batch.audio_paths:
                 seen[paths[path]] += 1
     finally:
         stream.close()
@@ -66,7 +66,7 @@ def test_the_stream_trains_on_what_the_mix_reports(toy_world):
 
 
 def take(stream, n):
-    return [batch["ids"] for batch in (stream.next() for _ in range(n))]
+    return [batch.ids for batch in (stream.next() for _ in range(n))]
 
 
 def test_a_weighted_stream_resumes_mid_epoch_and_on_another_world_size(toy_world):

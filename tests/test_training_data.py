@@ -10,7 +10,7 @@ def dataset(world):
 
 
 def take(stream, n):
-    return [(batch["ids"], batch["windows"]) for batch in (stream.next() for _ in range(n))]
+    return [(batch.ids, batch.windows) for batch in (stream.next() for _ in range(n))]
 
 
 def test_workers_give_the_same_batches_and_crops_as_the_main_process_over_epochs(toy_world):
@@ -81,11 +81,11 @@ def test_length_grouped_stream_batches_similar_captions(toy_world):
     stream = BatchStream(dataset(toy_world), 8, seed=1, stream=0, num_workers=0, length_grouping=True)
     spans = []
     for _ in range(stream.batches_per_epoch):
-        words = [len(c.split()) for c in stream.next()["captions"]]
+        words = [len(c.split()) for c in stream.next().captions]
         spans.append(max(words) - min(words))
     plain = BatchStream(dataset(toy_world), 8, seed=1, stream=0, num_workers=0)
     plain_spans = []
     for _ in range(plain.batches_per_epoch):
-        words = [len(c.split()) for c in plain.next()["captions"]]
+        words = [len(c.split()) for c in plain.next().captions]
         plain_spans.append(max(words) - min(words))
     assert sum(spans) < 0.5 * sum(plain_spans)

@@ -1,8 +1,8 @@
-"""Map-style datasets over the JSONL manifests (README, "Data layout"), and the collate that batches them.
+"""Map-style datasets over the JSONL manifests (README, "Data layout").
 
 Rows are held as a small index (dicts); media are decoded on access. A sample whose media cannot be read is
-returned as a `{"kind": "bad", ...}` record (or raises, with on_bad_sample="error"); the collate drops it and
-reports it in `batch["skipped"]`, so the count survives DataLoader worker processes.
+returned as a `{"kind": "bad", ...}` record (or raises, with on_bad_sample="error"); the collate
+(safe/data/collate.py) drops it and lists it in the batch's `skipped`, so the count survives DataLoader workers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from safe.core.errors import SafeError
@@ -240,41 +239,3 @@ class VQADataset(_ManifestDataset):
             "answer_type": item.get("answer_type"),
             "image_path": str(item["path"]),
         }
-
-
-def collate_samples(items: list[dict]) -> dict:
-    """Batch homogeneous samples; bad records are dropped and listed under `skipped`."""
-    good = [item for item in items if item["kind"] != "bad"]
-    skipped = [item for item in items if item["kind"] == "bad"]
-    kinds = {item["kind"] for item in good}
-    if len(kinds) > 1:
-        raise ValueError(f"a batch must be homogeneous, got kinds {sorted(kinds)}")
-    kind = kinds.pop() if kinds else None
-    batch = {"kind": kind, "ids": [item["id"] for item in good], "skipped": skipped, "size": len(good)}
-    if kind == "audio":
-        # Items come decoded ("audio") or, from the feature cache, encoded ("features"); each part is stacked
-        # with the batch positions it fills.
-        audio_index = [i for i, item in enumerate(good) if "audio" in item]
-        feature_index = [i for i, item in enumerate(good) if "features" in item]
-        batch["audio"] = torch.from_numpy(np.stack([good[i]["audio"] for i in audio_index])) if audio_index else None
-        batch["audio_index"] = audio_index
-        batch["features"] = torch.stack([good[i]["features"] for i in feature_index]) if feature_index else None
-        batch["feature_index"] = feature_index
-        batch["windows"] = [item["window"] for item in good]
-        batch["captions"] = [item["caption"] for item in good]
-        batch["references"] = [item["references"] for item in good]
-        batch["audio_paths"] = [item["audio_path"] for item in good]
-    elif kind == "vl":
-        # Preprocessed pixels when the dataset has the model's image processor, else the decoded images.
-        if all("pixel_values" in item for item in good):
-            batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
-            batch["images"] = None
-        else:
-            batch["pixel_values"] = None
-            batch["images"] = [item.get("image") for item in good]
-        batch["questions"] = [item["question"] for item in good]
-        batch["image_paths"] = [item["image_path"] for item in good]
-        batch["answers"] = [item["answers"] for item in good]
-        batch["multiple_choice_answers"] = [item["multiple_choice_answer"] for item in good]
-        batch["answer_types"] = [item["answer_type"] for item in good]
-    return batch

@@ -8,12 +8,14 @@ teacher-forced and generated paths agree.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from safe.data.collate import AudioItems, Items, VQAItems
 from safe.models.prompts import IGNORE_INDEX, TINY, PromptStyle, encode_examples, expand_image_token
 
 
@@ -45,17 +47,16 @@ class SafeBatch:
         """The same batch with other (or no) audio attached, e.g. a distractor clip for a VL batch."""
         return dataclasses.replace(self, audio=audio, audio_features=audio_features)
 
+    def map_tensors(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "SafeBatch":
+        """The same batch with ``fn(field name, tensor)`` applied to every tensor field (absent ones stay None)."""
+        changed: dict[str, Any] = {f.name: fn(f.name, value) for f in dataclasses.fields(self)
+                                   if isinstance(value := getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **changed)
+
     def to(self, device, dtype: torch.dtype | None = None) -> "SafeBatch":
         """Move tensors; ``dtype`` applies to pixel values only (ids, masks and audio keep theirs)."""
-        def move(t, cast=False):
-            if t is None:
-                return None
-            return t.to(device, dtype) if cast and dtype is not None else t.to(device)
-        return dataclasses.replace(
-            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
-            splice_pos=move(self.splice_pos), labels=move(self.labels),
-            pixel_values=move(self.pixel_values, cast=True), audio=move(self.audio),
-            audio_features=move(self.audio_features))
+        return self.map_tensors(lambda name, t: t.to(device, dtype) if name == "pixel_values" and dtype is not None
+                                else t.to(device))
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -147,16 +148,15 @@ class BatchBuilder:
         prompts = [self.vqa_prompt(q) for q in questions]
         return self.encode("vl", prompts, answers, pixel_values=pixel_values, audio=audio, ids=ids)
 
-    def from_collated(self, collated: dict, with_answers: bool = True, audio: torch.Tensor | None = None,
+    def from_collated(self, collated: Items, with_answers: bool = True, audio: torch.Tensor | None = None,
                       question: str | None = None) -> SafeBatch:
-        """From ``safe.data.datasets.collate_samples`` output. Audio batches train on their caption,
+        """From ``safe.data.collate.collate_samples`` output. Audio batches train on their caption,
         VL batches on the majority (multiple-choice) answer; ``audio`` attaches e.g. distractor clips to VL."""
-        kind = collated["kind"]
-        if kind == "audio":
-            return self.caption_batch(collated["audio"], collated["captions"] if with_answers else None,
-                                      question=question, ids=collated.get("ids"))
-        if kind == "vl":
-            answers = collated.get("multiple_choice_answers") if with_answers else None
-            return self.vqa_batch(collated["images"], collated["questions"], answers, audio=audio,
-                                  ids=collated.get("ids"), pixel_values=collated.get("pixel_values"))
-        raise ValueError(f"cannot build a model batch from kind {kind!r}")
+        if isinstance(collated, AudioItems):
+            return self.caption_batch(collated.audio, collated.captions if with_answers else None,
+                                      question=question, ids=collated.ids)
+        if isinstance(collated, VQAItems):
+            answers = collated.multiple_choice_answers if with_answers else None
+            return self.vqa_batch(collated.images, collated.questions, answers, audio=audio,
+                                  ids=collated.ids, pixel_values=collated.pixel_values)
+        raise ValueError(f"cannot build a model batch from an empty {type(collated).__name__}")

@@ -35,6 +35,7 @@ from safetensors.torch import save as save_bytes
 
 from safe.core.cache import cache_dir
 from safe.core.files import atomic_write_text
+from safe.data.collate import VQAItems
 from safe.data.file_identity import FileIdentity, FileKeyedStore
 from safe.data.shard_store import SHARD_BYTES, ShardStore
 from safe.models.prompts import IGNORE_INDEX
@@ -96,8 +97,8 @@ class BaseWorkCache:
     # ------------------------------------------------------------------------------------------ entries
 
     @staticmethod
-    def _extra(collated: dict, row: int) -> dict:
-        return {"question_id": str(collated["ids"][row]), "question": collated["questions"][row]}
+    def _extra(collated: VQAItems, row: int) -> dict:
+        return {"question_id": str(collated.ids[row]), "question": collated.questions[row]}
 
     def _entry(self, image_path: str, extra: dict) -> dict | None:
         blob = self.entries.get(image_path, extra)
@@ -118,15 +119,15 @@ class BaseWorkCache:
         while len(self._questions) > REMEMBERED:
             self._questions.popitem(last=False)
 
-    def answers(self, collated: dict) -> dict[str, str]:
+    def answers(self, collated: VQAItems) -> dict[str, str]:
         """Cached greedy answers of a collated VQA batch's questions, by question id (missing ones are absent)."""
         found: dict[str, str] = {}
-        if collated.get("image_paths") is None:
+        if collated.image_paths is None:
             return found  # a batch that does not say its images (not from the VQA dataset): nothing to look up
-        for row, qid in enumerate(map(str, collated["ids"])):
+        for row, qid in enumerate(map(str, collated.ids)):
             extra = self._extra(collated, row)
-            entry = self._entry(collated["image_paths"][row], extra)
-            self._remember(qid, collated["image_paths"][row], extra, entry)
+            entry = self._entry(collated.image_paths[row], extra)
+            self._remember(qid, collated.image_paths[row], extra, entry)
             if entry is not None:
                 found[qid] = entry["answer"]
         return found
@@ -185,21 +186,19 @@ class BaseWorkCache:
     # --------------------------------------------------------------------------------------- filling
 
     @torch.no_grad()
-    def fill(self, collated: dict) -> int:
+    def fill(self, collated: VQAItems) -> int:
         """Compute and store the entries of a collated batch's uncached questions (`safe cache-base`); returns how
         many were computed. The same calls as the training path: greedy answers at gate 0, then the teacher."""
         known = self.answers(collated)
-        missing = [i for i, qid in enumerate(map(str, collated["ids"])) if qid not in known]
+        missing = [i for i, qid in enumerate(map(str, collated.ids)) if qid not in known]
         if not missing:
             return 0
-        model, pixels = self.model, collated["pixel_values"]
-        images = None if pixels is not None else [collated["images"][i] for i in missing]
-        pixels = pixels[missing] if pixels is not None else None
-        questions = [collated["questions"][i] for i in missing]
-        prompt = model.builder.vqa_batch(images, questions, pixel_values=pixels).to(model.device)
+        model, chosen = self.model, collated.select(missing)
+        prompt = model.builder.vqa_batch(chosen.images, chosen.questions,
+                                         pixel_values=chosen.pixel_values).to(model.device)
         answers = model.generate(prompt, gate=0.0, max_new_tokens=self.max_new_tokens)
-        batch = model.builder.vqa_batch(images, questions, answers, pixel_values=pixels,
-                                        ids=[collated["ids"][i] for i in missing]).to(model.device)
+        batch = model.builder.vqa_batch(chosen.images, chosen.questions, answers, pixel_values=chosen.pixel_values,
+                                        ids=chosen.ids).to(model.device)
         self.put(batch, model(batch, gate=0.0).answer_logits(), answers)
         return len(missing)
 

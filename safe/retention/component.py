@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from safe.data.collate import VQAItems
 from safe.retention.fisher import FisherPenalty
 from safe.retention.gates import audio_path_open
 from safe.retention.kl import kl_distillation
@@ -34,7 +35,8 @@ DISTRACTOR_SALT, FISHER_SALT, NULL_SPACE_SALT = 7, 11, 13
 
 
 class Retention:
-    def __init__(self, model, config, next_vl_batch: Callable[[], dict], distractors: Callable[[list], torch.Tensor],
+    def __init__(self, model, config, next_vl_batch: Callable[[], VQAItems],
+                 distractors: Callable[[list], torch.Tensor],
                  autocast: Callable = contextlib.nullcontext, reduce: Callable | None = None,
                  log: Callable[[dict], None] = lambda record: None, base_work=None):
         """``next_vl_batch()`` returns the next collated VQA training batch; ``distractors(keys)`` returns encoder
@@ -55,37 +57,35 @@ class Retention:
 
     # ---------------------------------------------------------------------------------- VL batches
 
-    def _base_answers(self, collated: dict) -> list[str]:
+    def _base_answers(self, collated: VQAItems) -> list[str]:
         """The base model's own greedy answers (gate 0): what KL retention keeps. Computed once per question."""
-        ids = [str(i) for i in collated["ids"]]
+        ids = [str(i) for i in collated.ids]
         if self.base_work is not None:
             self.base_answers.update(self.base_work.answers(collated))
         missing = [i for i, key in enumerate(ids) if key not in self.base_answers]
         if missing:
-            pixels = collated["pixel_values"]
-            batch = self.model.builder.vqa_batch(
-                None if pixels is not None else [collated["images"][i] for i in missing],
-                [collated["questions"][i] for i in missing],
-                pixel_values=pixels[missing] if pixels is not None else None).to(self.model.device)
+            chosen = collated.select(missing)
+            batch = self.model.builder.vqa_batch(chosen.images, chosen.questions,
+                                                 pixel_values=chosen.pixel_values).to(self.model.device)
             answers = self.model.generate(batch, gate=0.0,
                                           max_new_tokens=self.config.train.generation_max_new_tokens)
             for i, answer in zip(missing, answers):
                 self.base_answers[ids[i]] = answer
         return [self.base_answers[key] for key in ids]
 
-    def vl_batch(self, collated: dict, features: torch.Tensor | None, answers: list[str] | None = None):
+    def vl_batch(self, collated: VQAItems, features: torch.Tensor | None, answers: list[str] | None = None):
         """A VQA batch labelled with the base's own answers (or ``answers``), with ``features`` attached."""
         answers = answers if answers is not None else self._base_answers(collated)
-        batch = self.model.builder.vqa_batch(collated["images"], collated["questions"], answers,
-                                             pixel_values=collated["pixel_values"], ids=collated["ids"])
+        batch = self.model.builder.vqa_batch(collated.images, collated.questions, answers,
+                                             pixel_values=collated.pixel_values, ids=collated.ids)
         return batch.with_audio(audio_features=features).to(self.model.device)
 
-    def _distractor_features(self, collated: dict, step: int, micro: int) -> torch.Tensor | None:
+    def _distractor_features(self, collated: VQAItems, step: int, micro: int) -> torch.Tensor | None:
         """Distractor clips for a VL micro-batch (with probability ``distractor_prob``), from (seed, step, micro)."""
         rng = np.random.default_rng([self.config.train.seed, step, micro, DISTRACTOR_SALT])
         if rng.random() >= self.settings.distractor_prob:
             return None
-        return self.distractors([f"{step}:{micro}:{i}" for i in collated["ids"]])
+        return self.distractors([f"{step}:{micro}:{i}" for i in collated.ids])
 
     # ------------------------------------------------------------------------------------------ KL
 
@@ -136,11 +136,11 @@ class Retention:
         made = 0
         while made < count:
             collated = self.next_vl_batch()
-            features = self.distractors([f"{salt}:{step}:{made}:{q}" for q in collated["ids"]])
-            for row in range(collated["size"]):
+            features = self.distractors([f"{salt}:{step}:{made}:{q}" for q in collated.ids])
+            for row in range(collated.size):
                 if made == count:
                     return
-                yield collated_row(collated, row), features[row:row + 1]
+                yield collated.row(row), features[row:row + 1]
                 made += 1
 
     def _nll(self, batch) -> torch.Tensor:
@@ -151,11 +151,11 @@ class Retention:
         keep = labels != -100
         return torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
 
-    def _sampled_answers(self, collated: dict, features: torch.Tensor, step: int, index: int) -> list[str]:
+    def _sampled_answers(self, collated: VQAItems, features: torch.Tensor, step: int, index: int) -> list[str]:
         """Answers drawn from the SAFE model itself (gate 1, the distractor attached): the true Fisher's labels.
         Seeded per (seed, step, sample), and the global random stream is restored, so a resumed run draws the same."""
-        prompt = self.model.builder.vqa_batch(collated["images"], collated["questions"],
-                                              pixel_values=collated["pixel_values"])
+        prompt = self.model.builder.vqa_batch(collated.images, collated.questions,
+                                              pixel_values=collated.pixel_values)
         prompt = prompt.with_audio(audio_features=features).to(self.model.device)
         state = torch.get_rng_state()
         rng = np.random.default_rng([self.config.train.seed, step, index, FISHER_SALT])
@@ -219,16 +219,6 @@ class Retention:
             self.fisher.load_state_dict(state["fisher"])
         if self.null_space is not None and state.get("null_space"):
             self.null_space.load_state_dict(state["null_space"])
-
-
-def collated_row(collated: dict, row: int) -> dict:
-    """One row of a collated VL batch, in the same layout (lists and tensors sliced to length 1)."""
-    out = {}
-    for key, value in collated.items():
-        if key in ("kind", "size", "skipped"):
-            continue
-        out[key] = None if value is None else value[row:row + 1]
-    return {**out, "kind": collated["kind"], "size": 1, "skipped": []}
 
 
 def build_retention(model, config, **collaborators) -> Retention | None:

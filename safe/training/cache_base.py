@@ -74,7 +74,8 @@ def cache_base(config, model, rank: int = 0, world_size: int = 1, num_workers: i
     """Answer every training question of this rank's share that is not cached yet; returns the counts."""
     from tqdm import tqdm
 
-    from safe.data.datasets import VQADataset, collate_samples
+    from safe.data.collate import collate_samples
+    from safe.data.datasets import VQADataset
     from safe.retention.base_work import BaseWorkCache
 
     started = time.perf_counter()
@@ -94,10 +95,10 @@ def cache_base(config, model, rank: int = 0, world_size: int = 1, num_workers: i
     model.eval()
     with tqdm(total=len(pending), desc="cache base", unit="question", disable=not progress) as bar:
         for collated in loader:
-            skipped += len(collated["skipped"])
-            if collated["size"]:
+            skipped += len(collated.skipped)
+            if collated.size:
                 computed += cache.fill(collated)
-            bar.update(collated["size"] + len(collated["skipped"]))
+            bar.update(collated.size + len(collated.skipped))
     cache.flush()
     return {"questions": len(items), "mine": len(mine), "computed": computed,
             "already_cached": len(mine) - len(pending), "unreadable": skipped,

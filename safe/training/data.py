@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from safe.core.errors import SafeError
-from safe.data.datasets import AudioCapsDataset, ClothoDataset, VQADataset, WavCapsDataset, collate_samples
+from safe.data.collate import Items, collate_samples
+from safe.data.datasets import AudioCapsDataset, ClothoDataset, VQADataset, WavCapsDataset
 from safe.data.leakage import banned_keys, read_blacklist
 from safe.data.manifest import ManifestError
 from safe.data.mixing import SourceMix
@@ -241,7 +242,7 @@ class BatchStream:
             shutdown()
         self._iterator = self._loader = None
 
-    def next(self) -> dict:
+    def next(self) -> Items:
         """The next batch; rolls over to the next epoch at the end of one."""
         while True:
             if self._iterator is None:

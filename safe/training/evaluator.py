@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from safe.core.cache import cache_dir
-from safe.data.datasets import collate_samples
+from safe.data.collate import AudioItems, collate_samples
 from safe.data.feature_cache import FeatureCache
 from safe.data.manifest import write_jsonl
 from safe.eval.bootstrap import paired_bootstrap_ci
@@ -110,7 +110,9 @@ def distractor_features(model, pool, keys: list, seed: int, feature_cache=None, 
                 break
         else:
             raise RuntimeError("could not load any distractor clip: 16 draws in a row were unreadable")
-    return batch_features(collate_samples(clips), model, feature_cache)
+    collated = collate_samples(clips)
+    assert isinstance(collated, AudioItems)
+    return batch_features(collated, model, feature_cache)
 
 
 class Evaluator:
@@ -162,12 +164,12 @@ class Evaluator:
         references: dict = {}
         skipped = 0
         for collated in self._loader(dataset):
-            skipped += len(collated["skipped"])
-            if not collated["size"]:
+            skipped += len(collated.skipped)
+            if not collated.size:
                 continue
             batch = audio_batch(self.model, collated, self.feature_cache, with_answers=False)
-            predictions.update(zip(map(str, collated["ids"]), self._generate(batch, gate=1.0)))
-            references.update(zip(map(str, collated["ids"]), collated["references"]))
+            predictions.update(zip(map(str, collated.ids), self._generate(batch, gate=1.0)))
+            references.update(zip(map(str, collated.ids), collated.references))
         skipped = sum(gather_dict({self.info.rank: skipped}, self.info).values())
         return gather_dict(predictions, self.info), gather_dict(references, self.info), skipped
 
@@ -212,16 +214,16 @@ class Evaluator:
         answer_types: dict = {}
         skipped = 0
         for collated in self._loader(self.vqa_val):
-            skipped += len(collated["skipped"])
-            if not collated["size"]:
+            skipped += len(collated.skipped)
+            if not collated.size:
                 continue
-            ids = [str(i) for i in collated["ids"]]
+            ids = [str(i) for i in collated.ids]
             batch = builder.from_collated(collated, with_answers=False)
             safe.update(zip(ids, self._generate(batch, gate=1.0)))
-            with_audio = batch.with_audio(audio_features=self.distractor_audio(collated["ids"]))
+            with_audio = batch.with_audio(audio_features=self.distractor_audio(collated.ids))
             distractor.update(zip(ids, self._generate(with_audio, gate=1.0)))
-            answers.update(zip(ids, collated["answers"]))
-            answer_types.update(zip(ids, collated["answer_types"]))
+            answers.update(zip(ids, collated.answers))
+            answer_types.update(zip(ids, collated.answer_types))
         safe, distractor = gather_dict(safe, self.info), gather_dict(distractor, self.info)
         answers, answer_types = gather_dict(answers, self.info), gather_dict(answer_types, self.info)
         skipped = sum(gather_dict({self.info.rank: skipped}, self.info).values())
@@ -229,9 +231,9 @@ class Evaluator:
         def compute_base():
             out: dict = {}
             for collated in self._loader(self.vqa_val):
-                if collated["size"]:
+                if collated.size:
                     batch = builder.from_collated(collated, with_answers=False)
-                    out.update(zip(map(str, collated["ids"]), self._generate(batch, gate=0.0)))
+                    out.update(zip(map(str, collated.ids), self._generate(batch, gate=0.0)))
             return gather_dict(out, self.info)
 
         base = self.base_cache.get_or_compute("vqa", self.vqa_val.manifest_path, sorted(safe), compute_base,
@@ -245,11 +247,11 @@ class Evaluator:
         """g = 0 with audio attached, and g = 1 without audio, give logits torch.equal to the bare base."""
         model = self.model
         collated = collate_samples([self.vqa_val[i] for i in range(min(2, len(self.vqa_val)))])
-        if not collated["size"]:
+        if not collated.size:
             return False
         batch = model.builder.from_collated(collated, with_answers=True).to(self.device)
         bare = model.base(**model.base_inputs(batch)).logits
-        features = self.distractor_audio(collated["ids"], salt=1)
+        features = self.distractor_audio(collated.ids, salt=1)
         gate0 = model(batch.with_audio(audio_features=features), gate=0.0).logits
         no_audio = model(batch.with_audio(None), gate=1.0).logits
         return bool(torch.equal(bare, gate0) and torch.equal(bare, no_audio))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from safe.data.collate import AudioItems
 from safe.data.feature_cache import FeatureCache
 from safe.models.projector import pre_pool, pre_pool_grid
 
@@ -41,27 +42,27 @@ def attach_feature_cache(config, encoder, datasets) -> FeatureCache | None:
     return cache
 
 
-def batch_features(collated: dict, model, cache: FeatureCache | None) -> torch.Tensor:
+def batch_features(collated: AudioItems, model, cache: FeatureCache | None) -> torch.Tensor:
     """[B, T, D] encoder features for an audio batch, in batch order (on the cache's grid when there is a cache)."""
     grid = cache.grid if cache is not None else None
     projector = getattr(model, "projector", None)
     if cache is not None and projector is not None and projector.grid != grid:
         raise RuntimeError(f"feature cache grid {grid} differs from the projector's {projector.grid}")
     parts = {}
-    if collated["audio"] is not None:
-        encoded = pre_pool(model.audio_features(collated["audio"]), grid)
-        for row, position in enumerate(collated["audio_index"]):
+    if collated.audio is not None:
+        encoded = pre_pool(model.audio_features(collated.audio), grid)
+        for row, position in enumerate(collated.audio_index):
             parts[position] = encoded[row]
             if cache is not None:
-                cache.put(collated["audio_paths"][position], collated["windows"][position], encoded[row])
-    if collated["features"] is not None:
-        for row, position in enumerate(collated["feature_index"]):
-            parts[position] = collated["features"][row].to(model.device)
-    return torch.stack([parts[i] for i in range(collated["size"])])
+                cache.put(collated.audio_paths[position], collated.windows[position], encoded[row])
+    if collated.features is not None:
+        for row, position in enumerate(collated.feature_index):
+            parts[position] = collated.features[row].to(model.device)
+    return torch.stack([parts[i] for i in range(collated.size)])
 
 
-def audio_batch(model, collated: dict, cache: FeatureCache | None, with_answers: bool = True):
+def audio_batch(model, collated: AudioItems, cache: FeatureCache | None, with_answers: bool = True):
     """A SafeBatch for audio captioning whose audio arrives as encoder features."""
-    batch = model.builder.caption_batch(None, collated["captions"] if with_answers else None,
-                                        batch_size=collated["size"], ids=collated["ids"])
+    batch = model.builder.caption_batch(None, collated.captions if with_answers else None,
+                                        batch_size=collated.size, ids=collated.ids)
     return batch.with_audio(audio_features=batch_features(collated, model, cache))

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from safe.core.errors import SafeError
+from safe.data.collate import AudioItems, Items, VQAItems
 from safe.retention import build_retention
 from safe.retention.gates import gate_openness
 from safe.training import faults
@@ -397,18 +398,20 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _next_vl_batch(self) -> dict:
+    def _next_vl_batch(self) -> VQAItems:
         assert self.vl_stream is not None  # retention asks for VQA batches only when the run has VQA data
-        return self._next_batch(self.vl_stream)
+        collated = self._next_batch(self.vl_stream)
+        assert isinstance(collated, VQAItems), "the VQA stream yields VQA batches"
+        return collated
 
-    def _next_batch(self, stream: BatchStream) -> dict:
+    def _next_batch(self, stream: BatchStream) -> Items:
         """The next batch with at least one loadable sample; bad samples are counted, never replaced."""
         for _ in range(1000):
             collated = stream.next()
-            self.counters["skipped_samples"] += len(collated["skipped"])
-            for bad in collated["skipped"]:
+            self.counters["skipped_samples"] += len(collated.skipped)
+            for bad in collated.skipped:
                 self.logger.log({"event": "skipped_sample", "step": self.step, **bad})
-            if collated["size"]:
+            if collated.size:
                 return collated
         raise SafeError("No training sample could be loaded in 1000 batches; run `safe data validate`.")
 
@@ -431,6 +434,7 @@ class Trainer:
         losses = {"caption_loss": zero, "kl_loss": zero, "fisher_penalty": zero}
         for _ in range(accumulation):
             collated = self._next_batch(self.audio_stream)
+            assert isinstance(collated, AudioItems), "the audio stream yields audio batches"
             batch = audio_batch(self.model, collated, self.feature_cache).to(self.device)
             with self._autocast():
                 loss = self.model(batch, gate=1.0, label_smoothing=config.train.label_smoothing).loss.float()

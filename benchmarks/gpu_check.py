@@ -106,12 +106,12 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype):
 
 
 def safe_model(base, encoder, shape: dict, fusion: str):
-    from safe.models.presets import ModelPreset
+    from safe.models.presets import get_preset
     from safe.models.safe_model import SAFEModel
 
-    preset = ModelPreset(name="gpu-check", base_model="random", audio_encoder="clap", fusion=fusion,
-                         num_audio_tokens=shape["num_audio_tokens"], num_xattn_layers=shape["num_xattn_layers"],
-                         xattn_heads=shape["xattn_heads"])
+    preset = get_preset("llava-1.5-7b", base_model="random", audio_encoder="clap", fusion=fusion,
+                        num_audio_tokens=shape["num_audio_tokens"], num_xattn_layers=shape["num_xattn_layers"],
+                        xattn_heads=shape["xattn_heads"])
     return SAFEModel(base, None, encoder, preset, base_name="random-llava-1.5-shape")
 
 

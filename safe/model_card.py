@@ -62,7 +62,7 @@ def model_card(run_name: str, run_config: dict, adapter: dict, step: int, evalua
     command = run_config.get("environment", {}).get("command")
     lines = _front_matter(base, ["safe", "audio", "audio-captioning", "llava", variant])
     lines += [
-        f"# SAFE adapter: {variant} on {preset.get('name', base)}",
+        f"# SAFE adapter: {variant} on {preset.get('preset') or preset.get('name', base)}",
         "",
         "Audio for a frozen vision-language model, trained with SAFE Stage A: a projector from "
         f"a frozen audio encoder to {adapter.get('num_audio_tokens')} LLM-width tokens and a gated fusion adapter. "

@@ -76,3 +76,51 @@ def test_every_setting_is_a_flag_that_shows_its_real_default_and_reaches_the_con
     assert (config.train.save_every_minutes, config.train.grad_clip) == (5.0, 0.5)
     assert config.model.xattn_layers == [1, 3] and config.data.max_vl_eval_samples is None
     assert config.model.preset == "tiny"
+
+
+def test_a_preset_is_a_model_config_and_config_json_records_the_whole_model():
+    import dataclasses
+
+    from safe.models.presets import PRESETS, ModelConfig
+    from safe.training.config import RunConfig
+
+    assert ModelConfig() == PRESETS["tiny"]                       # the embedded default is the tiny preset
+    config = build_config(cli_values={"preset": "full", "num_audio_tokens": 4, "lora_rank": 8,
+                                      "lora_targets": ["q_proj", "k_proj", "v_proj"]})
+    recorded = config.to_dict()["model"]
+    assert set(recorded) == {f.name for f in dataclasses.fields(ModelConfig)}
+    expected = dataclasses.replace(PRESETS["llava-1.5-13b"], num_audio_tokens=4, lora_rank=8,
+                                   lora_targets=["q_proj", "k_proj", "v_proj"])
+    assert config.model == expected and recorded["clip_seconds"] == 10.0 and recorded["xattn_heads"] == 8
+    assert RunConfig.from_dict(config.to_dict()).model == expected     # resume and eval read the same model
+
+
+def test_a_config_json_from_before_every_model_setting_was_recorded_reads_as_the_model_it_built():
+    from safe.models.presets import PRESETS
+    from safe.models.pretrained import saved_preset
+    from safe.training.config import RunConfig
+
+    # The model section config.json held until now: null meant "the preset's".
+    old = {"preset": "llava-1.5-7b", "base_model": None, "audio_encoder": None, "fusion": "prefix", "lora_rank": 0,
+           "num_audio_tokens": None, "xattn_layers": None, "xattn_gate": None, "system_prompt": None,
+           "pad_to_square": None}
+    model = RunConfig.from_dict({"model": old}).model
+    assert model == PRESETS["llava-1.5-7b"].replace(fusion="prefix")
+    # An adapter's safe_config.json from then named its preset "name" and gave every setting of the time.
+    saved = {"name": "tiny", "base_model": "tiny", "audio_encoder": "tiny", "audio_encoder_path": None,
+             "audio_features": "patch", "clip_seconds": 4.0, "num_audio_tokens": 8, "pre_pool_steps": None,
+             "fusion": "xattn", "xattn_layers": [1, 3], "num_xattn_layers": 2, "xattn_dim": None, "xattn_heads": 4,
+             "xattn_gate": "token", "lora_rank": 2, "lora_alpha": None, "lora_targets": ["q_proj", "v_proj"],
+             "lora_dropout": 0.0, "tiny_seed": 0, "prompt_style": "tiny", "system_prompt": True,
+             "pad_to_square": False}
+    assert saved_preset({"preset": saved}) == PRESETS["tiny"].replace(xattn_layers=[1, 3], xattn_gate="token",
+                                                                       lora_rank=2)
+
+
+def test_bad_model_settings_are_one_sentence_errors():
+    with pytest.raises(SafeError, match="--prompt-style must be llava_v1 or tiny"):
+        build_config(cli_values={"prompt_style": "chatml"})
+    with pytest.raises(SafeError, match="--num-audio-tokens must be at least 1"):
+        build_config(cli_values={"num_audio_tokens": 0})
+    with pytest.raises(SafeError, match="lora_dropout must be at most 1"):
+        build_config(cli_values={"lora_dropout": 1.5})

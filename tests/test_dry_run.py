@@ -18,7 +18,7 @@ from safe.models.batching import SafeBatch
 from safe.models.checkpointing import enable_activation_checkpointing
 from safe.models.factory import count_parameters
 from safe.models.memory import activation_bytes, recompute_bytes_per_token, step_shapes
-from safe.models.presets import ModelPreset, get_preset
+from safe.models.presets import get_preset
 from safe.models.prompts import IGNORE_INDEX
 from safe.models.safe_model import SAFEModel
 from safe.training.config import build_config
@@ -38,7 +38,7 @@ def small_model(layers=4, hidden=128, intermediate=256, vocab=500, **preset) -> 
     torch.manual_seed(0)
     settings = {"num_audio_tokens": 8, "num_xattn_layers": 2, "xattn_heads": 4, **preset}
     model = SAFEModel(LlavaForConditionalGeneration(config).eval(), None, TinyConvEncoder(clip_seconds=1.0),
-                      ModelPreset(name="test", base_model="test", audio_encoder="tiny", **settings))
+                      get_preset("llava-1.5-7b", base_model="test", audio_encoder="tiny", **settings))
     with torch.no_grad():
         for param in model.trainable_parameters():
             if param.numel() == 1:

@@ -11,8 +11,7 @@ from helpers.local_run import save_clap
 from safe.core.errors import SafeError
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.encoder_registry import ENCODERS, encoder_kind, sample_rate
-from safe.models.presets import preset_for
-from safe.training.config import RunConfig
+from safe.training.config import RunConfig, build_config
 from safe.training.model_factory import audio_settings
 
 
@@ -45,11 +44,12 @@ def test_a_local_checkpoint_is_known_by_its_config_not_its_folder_name(tmp_path)
 
 def test_a_run_config_naming_a_folder_gets_that_folders_kind_and_rate(tmp_path):
     whisper = save_whisper(tmp_path / "clap-htsat-copy")
-    config = RunConfig()
-    config.model.audio_encoder = str(whisper)
-    preset = preset_for(config)
+    config = build_config(cli_values={"preset": "llava-1.5-7b", "audio_encoder": str(whisper)})
+    preset = config.model
     assert (preset.audio_encoder, preset.audio_encoder_path) == ("whisper", str(whisper))
-    assert audio_settings(config) == (16000, preset.clip_seconds)
+    assert audio_settings(config) == (16000, preset.clip_seconds) == (16000, 10.0)
+    # config.json records the kind and the folder; reading it back gives the same model.
+    assert RunConfig.from_dict(config.to_dict()).model == preset
 
 
 def test_known_hub_families_need_no_network_and_others_fail_clearly_offline(monkeypatch):

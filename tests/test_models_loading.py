@@ -15,8 +15,8 @@ CORPUS = ["USER: <image>\nAnswer the question using a single word or phrase. ASS
 
 
 def test_presets_and_aliases():
-    assert get_preset("full").name == "llava-1.5-13b"
-    assert get_preset("demo").name == "tiny"
+    assert get_preset("full").preset == "llava-1.5-13b"
+    assert get_preset("demo").preset == "tiny"
     assert get_preset("llava-1.5-7b").base_model == "llava-hf/llava-1.5-7b-hf"
     assert get_preset("llava-1.5-7b", base_model=None).base_model == "llava-hf/llava-1.5-7b-hf"   # unset flag
     assert get_preset("tiny").num_audio_tokens == 8 and get_preset("llava-1.5-13b").num_audio_tokens == 16

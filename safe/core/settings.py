@@ -19,9 +19,9 @@ from dataclasses import field
 from typing import Any
 
 # Zero would divide by zero (a temperature) or stop learning (a learning rate, a clipping norm of 0).
-POSITIVE = {"lr_projector", "lr_adapter", "kl_temperature", "grad_clip"}
+POSITIVE = {"lr_projector", "lr_adapter", "kl_temperature", "grad_clip", "clip_seconds"}
 # Probabilities and fractions.
-AT_MOST_ONE = {"label_smoothing", "wavcaps_ratio", "distractor_prob", "vl_fraction"}
+AT_MOST_ONE = {"label_smoothing", "wavcaps_ratio", "distractor_prob", "vl_fraction", "lora_dropout"}
 # Numeric settings for which a negative value means something; every other number must be >= 0.
 MAY_BE_NEGATIVE: set[str] = set()
 
@@ -143,4 +143,6 @@ def setting(default, help: str, **flag) -> Any:
     """A config field and its command-line flag in one line: ``help`` is the flag's help; ``flag`` holds what the
     flag needs beyond the field's name, type and default (choices, type, names, dest, nargs, const, default_text).
     `safe train` builds its flags from these (safe.training.cli), so a setting is declared once."""
+    if isinstance(default, list):  # a mutable default: each instance gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help, "flag": flag})
     return field(default=default, metadata={"help": help, "flag": flag})

@@ -5,10 +5,10 @@ param groups, save/load of the trainable state), ``SafeBatch`` (what forward/gen
 """
 
 from safe.models.batching import BatchBuilder, SafeBatch
-from safe.models.presets import ModelPreset, get_preset, preset_names
+from safe.models.presets import ModelConfig, get_preset, preset_names
 from safe.models.safe_model import SAFEModel, SafeOutput
 
-__all__ = ["BatchBuilder", "SafeBatch", "ModelPreset", "get_preset", "preset_names", "SAFEModel", "SafeOutput",
+__all__ = ["BatchBuilder", "SafeBatch", "ModelConfig", "get_preset", "preset_names", "SAFEModel", "SafeOutput",
            "build_safe_model", "count_parameters"]
 
 

@@ -11,12 +11,12 @@ from safe.core.quiet import note
 from safe.models.audio_encoders import ClapEncoder, FrozenAudioEncoder, TinyConvEncoder, WhisperEncoderWrapper
 from safe.models.loading import default_dtype, load_model, load_pretrained, looks_like_path
 from safe.models.meta import KNOWN_BASES, build_on_meta, count_parameters  # noqa: F401 (imported from here by callers)
-from safe.models.presets import ModelPreset
+from safe.models.presets import ModelConfig
 from safe.models.safe_model import SAFEModel
 from safe.models.staging import require_models
 
 
-def load_audio_encoder(preset: ModelPreset, device=None, dtype=None,
+def load_audio_encoder(preset: ModelConfig, device=None, dtype=None,
                        tiny_dir: Path | None = None) -> FrozenAudioEncoder:
     kind, name = preset.audio_encoder, preset.encoder_path
     if kind == "tiny":
@@ -62,7 +62,7 @@ def padding_image_processor(image_processor):
     return LlavaImageProcessorPil(**settings, do_pad=True)
 
 
-def load_base(preset: ModelPreset, device=None, dtype=None, log=note):
+def load_base(preset: ModelConfig, device=None, dtype=None, log=note):
     """(base model, processor, base name, tiny cache dir or None)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -82,7 +82,7 @@ def load_base(preset: ModelPreset, device=None, dtype=None, log=note):
     return base, processor, name, tiny_dir
 
 
-def build_safe_model(preset: ModelPreset, device: str | torch.device | None = None,
+def build_safe_model(preset: ModelConfig, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, log=note) -> SAFEModel:
     """The SAFE model of ``preset`` on ``device`` (frozen parts in ``dtype``: bf16 on GPU, fp32 on CPU)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -96,7 +96,7 @@ def build_safe_model(preset: ModelPreset, device: str | torch.device | None = No
     return SAFEModel(base, processor, encoder, preset, base_name=name)
 
 
-def build_audio_encoder(preset: ModelPreset, device: str | torch.device | None = None, log=note) -> FrozenAudioEncoder:
+def build_audio_encoder(preset: ModelConfig, device: str | torch.device | None = None, log=note) -> FrozenAudioEncoder:
     """The preset's frozen audio encoder alone, loaded exactly as build_safe_model loads it (same weights,
     device and dtype), so features computed with it land on the trainer's feature-cache entries."""
     device = torch.device(device) if device is not None else torch.device("cpu")

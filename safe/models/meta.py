@@ -16,7 +16,7 @@ from safe.core.errors import SafeError
 from safe.core.quiet import note
 from safe.models.audio_encoders import FrozenAudioEncoder, TinyConvEncoder
 from safe.models.loading import looks_like_path
-from safe.models.presets import ModelPreset
+from safe.models.presets import ModelConfig
 from safe.models.safe_model import SAFEModel
 
 # Architectures of the real presets, so parameters can be counted on the meta device without a download.
@@ -49,7 +49,7 @@ def _cached_config(cls, name: str | None):
         return None
 
 
-def base_config(preset: ModelPreset, log=note):
+def base_config(preset: ModelConfig, log=note):
     """(the base's LlavaConfig, where it came from, in words)."""
     from transformers import AutoConfig
 
@@ -73,7 +73,7 @@ def base_config(preset: ModelPreset, log=note):
                     "with --base-model PATH.")
 
 
-def _meta_audio(preset: ModelPreset):
+def _meta_audio(preset: ModelConfig):
     """(frozen audio module on the meta device or None, feature width)."""
     from transformers import ClapAudioModelWithProjection, ClapConfig, WhisperConfig, WhisperModel
 
@@ -96,7 +96,7 @@ class _MetaEncoder(FrozenAudioEncoder):
         self.sample_rate, self.clip_seconds = 0, 0.0
 
 
-def build_on_meta(preset: ModelPreset, log=note) -> SAFEModel:
+def build_on_meta(preset: ModelConfig, log=note) -> SAFEModel:
     """The preset's SAFE model with every weight on the meta device (no memory, no download)."""
     from transformers import LlavaForConditionalGeneration
 
@@ -107,7 +107,7 @@ def build_on_meta(preset: ModelPreset, log=note) -> SAFEModel:
         return SAFEModel(base, None, _MetaEncoder(audio, dim, f"meta:{preset.audio_encoder}"), preset)
 
 
-def count_parameters(preset: ModelPreset, model: SAFEModel | None = None) -> dict:
+def count_parameters(preset: ModelConfig, model: SAFEModel | None = None) -> dict:
     """Trainable / frozen parameter counts of ``preset`` (built on the meta device unless ``model`` is given)."""
     model = model if model is not None else build_on_meta(preset)
     parts = {"projector": 0, "xattn": 0, "lora": 0}
@@ -117,5 +117,5 @@ def count_parameters(preset: ModelPreset, model: SAFEModel | None = None) -> dic
     frozen = model.frozen_parameters()
     encoder = sum(p.numel() for name, p in frozen.items() if name.startswith("audio_encoder."))
     total = sum(p.numel() for p in frozen.values())
-    return {"preset": preset.name, "trainable": sum(parts.values()), "frozen": total, **parts,
+    return {"preset": preset.preset, "trainable": sum(parts.values()), "frozen": total, **parts,
             "frozen_base": total - encoder, "frozen_audio_encoder": encoder}

@@ -17,7 +17,7 @@ import torch
 from safe.core.errors import SafeError
 from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
-from safe.models.presets import PRESETS, ModelPreset
+from safe.models.presets import PRESETS, ModelConfig, preset_with
 from safe.models.safe_model import CONFIG_FILE, TRAINABLE_FILE
 
 CARD_FILE = "README.md"
@@ -46,16 +46,17 @@ def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
                         f"(`hf download {source}`) or pass a local export folder.") from None
 
 
-def saved_preset(saved: dict) -> ModelPreset:
-    """The model preset an adapter's safe_config.json records."""
+def saved_preset(saved: dict) -> ModelConfig:
+    """The model an adapter's safe_config.json records: every setting (adapters saved before presets were
+    ModelConfigs name the preset under "name")."""
     values = dict(saved["preset"])
-    name, base = values.pop("name"), values.pop("base_model")
-    return ModelPreset(name=name, base_model=base).replace(**values)
+    name = values.pop("preset", None) or values.pop("name")
+    return preset_with(name, values)
 
 
-def _check_reachable(preset: ModelPreset, folder: Path, base_given: bool, encoder_given: bool) -> None:
+def _check_reachable(preset: ModelConfig, folder: Path, base_given: bool, encoder_given: bool) -> None:
     """A local folder the adapter names but this machine lacks: say which keyword brings it back."""
-    hub = PRESETS.get(preset.name)
+    hub = PRESETS.get(preset.preset)
     checks = [("base model", preset.base_model, "base", hub.base_model if hub else None, base_given),
               ("audio encoder", preset.audio_encoder_path, "audio_encoder",
                ENCODERS[preset.audio_encoder].default_checkpoint, encoder_given)]

@@ -7,6 +7,7 @@ disabled), so its logits are bit-identical to the base's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from safe.core.files import atomic_write, atomic_write_text
 from safe.models.batching import BatchBuilder, SafeBatch, position_ids_from_mask
 from safe.models.fusion import XAttnFusion, is_gate, splice_prefix
 from safe.models.lora import LoraSwitch, attach_lora, lora_parameters
-from safe.models.presets import ModelPreset, default_xattn_layers
+from safe.models.presets import ModelConfig, default_xattn_layers
 from safe.models.projector import AudioProjector
 from safe.models.prompts import IGNORE_INDEX, get_style
 
@@ -102,7 +103,7 @@ def encoder_settings(encoder_id: str | None) -> tuple | None:
 
 
 class SAFEModel(nn.Module):
-    def __init__(self, base, processor, audio_encoder, preset: ModelPreset, base_name: str | None = None):
+    def __init__(self, base, processor, audio_encoder, preset: ModelConfig, base_name: str | None = None):
         super().__init__()
         self.preset = preset
         self.base_name = base_name or preset.base_model
@@ -129,7 +130,7 @@ class SAFEModel(nn.Module):
             self.fusion.attach(base)
         self.lora: LoraSwitch | None = None
         if preset.lora_rank > 0:
-            lora_layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, preset.lora_targets,
+            lora_layers = attach_lora(base, preset.lora_rank, preset.lora_alpha, tuple(preset.lora_targets),
                                       preset.lora_dropout)
             self.lora = LoraSwitch(lora_layers, list(lora_parameters(base).values()))
         # Trainable parts live where the base lives; they stay fp32 (master weights) whatever the base dtype.
@@ -319,7 +320,7 @@ class SAFEModel(nn.Module):
     def trainable_config(self) -> dict:
         shapes = {n: list(p.shape) for n, p in self.named_trainable_parameters().items()}
         return {"format": FORMAT, "base_model": self.base_name, "base_fingerprint": base_fingerprint(self.base),
-                "preset": self.preset.to_dict(), "audio_encoder": self.audio_encoder.encoder_id,
+                "preset": dataclasses.asdict(self.preset), "audio_encoder": self.audio_encoder.encoder_id,
                 "audio_encoder_fingerprint": encoder_fingerprint(self.audio_encoder),
                 "feature_dim": self.audio_encoder.feature_dim, "fusion": self.preset.fusion,
                 "num_audio_tokens": self.preset.num_audio_tokens, "pre_pool_grid": self.projector.grid,

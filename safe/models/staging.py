@@ -17,7 +17,7 @@ from pathlib import Path
 from safe.core.errors import SafeError
 from safe.models.encoder_registry import ENCODERS
 from safe.models.loading import _offline, looks_like_path
-from safe.models.presets import PRESETS, ModelPreset
+from safe.models.presets import PRESETS, ModelConfig
 
 # Weight formats transformers does not load with torch; PyTorch pickles too when the repository has safetensors.
 OTHER_FORMATS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.tflite", "*.mlmodel", "coreml/*",
@@ -36,7 +36,7 @@ class HubModel:
         return self.repo_id.split("/")[-1]
 
 
-def hub_models(preset: ModelPreset) -> list[HubModel]:
+def hub_models(preset: ModelConfig) -> list[HubModel]:
     """The hub models ``preset`` loads (local folders and the tiny preset's built models are not hub models)."""
     found = []
     if preset.base_model != "tiny" and not looks_like_path(preset.base_model):
@@ -59,10 +59,10 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return folder if (folder / "config.json").is_file() and weights else None
 
 
-def download_flags(preset: ModelPreset) -> list[str]:
+def download_flags(preset: ModelConfig) -> list[str]:
     """`safe models download` flags that select ``preset``'s models (only what differs from the preset's own)."""
-    flags = ["--preset", preset.name]
-    own = PRESETS.get(preset.name)
+    flags = ["--preset", preset.preset]
+    own = PRESETS.get(preset.preset)
     if own is not None and preset.base_model != own.base_model:
         flags += ["--base-model", preset.base_model]
     if own is not None and preset.encoder_path != own.encoder_path and preset.encoder_path:
@@ -76,7 +76,7 @@ def _names(models: list[HubModel]) -> str:
     return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
 
 
-def require_models(preset: ModelPreset, roles: tuple[str, ...] = ("base model", "audio encoder")) -> None:
+def require_models(preset: ModelConfig, roles: tuple[str, ...] = ("base model", "audio encoder")) -> None:
     """Offline, refuse in one sentence naming every hub model of ``preset`` that is not cached, and how to get them."""
     if not _offline():
         return  # online, transformers fetches what is missing
@@ -129,20 +129,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-dir", type=Path, help="put each model in DIR/<name> instead of the Hugging Face cache")
 
 
-def selected_preset(args: argparse.Namespace) -> ModelPreset:
-    from safe.models.presets import resolved_preset
+def selected_preset(args: argparse.Namespace) -> ModelConfig:
+    from safe.models.presets import get_preset
 
-    return resolved_preset(args.preset, args.base_model, args.audio_encoder)
+    return get_preset(args.preset, base_model=args.base_model, audio_encoder=args.audio_encoder)
 
 
-def _offline_message(preset: ModelPreset, missing: list[HubModel], local_dir: Path | None) -> str:
+def _offline_message(preset: ModelConfig, missing: list[HubModel], local_dir: Path | None) -> str:
     where = local_dir or Path("models")
     command = " ".join(["safe models download", *download_flags(preset), "--local-dir", str(where)])
     hf = " && ".join(f"hf download {m.repo_id} --local-dir {where / m.folder_name}" for m in hub_models(preset))
     flags = " ".join(f"{m.flag} {where / m.folder_name}" for m in hub_models(preset))
     return (f"The hub is offline here (HF_HUB_OFFLINE=1) and {_names(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not in the local Hugging Face cache; on a machine with network "
-            f"access run `{command}` (or `{hf}`), copy {where}/ here and train with --model-config {preset.name} "
+            f"access run `{command}` (or `{hf}`), copy {where}/ here and train with --model-config {preset.preset} "
             f"{flags}.")
 
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     preset = selected_preset(args)
     models = hub_models(preset)
     if not models:
-        print(f"The {preset.name} preset loads no hub model (the tiny base is built and cached on first use); "
+        print(f"The {preset.preset} preset loads no hub model (the tiny base is built and cached on first use); "
               "nothing to download.")
         return 0
     if _offline():
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{model.role}: {model.repo_id} in {folders[model.repo_id]}")
     if args.local_dir is not None:
         flags = " ".join(f"{m.flag} {folders[m.repo_id]}" for m in models)
-        print(f"Train with: safe train --model-config {preset.name} {flags} ...")
+        print(f"Train with: safe train --model-config {preset.preset} {flags} ...")
     else:
-        print(f"Train with: safe train --model-config {preset.name} ... (offline too: HF_HUB_OFFLINE=1)")
+        print(f"Train with: safe train --model-config {preset.preset} ... (offline too: HF_HUB_OFFLINE=1)")
     return 0

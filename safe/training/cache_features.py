@@ -67,7 +67,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from safe.models.factory import build_audio_encoder
-    from safe.models.presets import preset_for
     from safe.training.config import build_config, load_yaml
 
     config = build_config(load_yaml(args.config) if args.config else None, cli_values={
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
-    encoder = build_audio_encoder(preset_for(config), device)
+    encoder = build_audio_encoder(config.model, device)
     from safe.data.feature_cache import encoder_cache_id
 
     # Entries are keyed by the encoder's dtype: bf16 on GPU, fp32 on CPU, as `safe train` loads it on each.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 
 from safe.training.config import (
@@ -21,8 +22,8 @@ from safe.training.config import (
 
 def _flag_type(hint) -> tuple[type, bool]:
     """(the scalar type a flag parses, whether it takes a list) of a field's type hint, e.g. int | None -> int."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    inner = args[0]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)][0] if union else hint
     if typing.get_origin(inner) is list:
         return typing.get_args(inner)[0], True
     return inner, False

@@ -15,6 +15,7 @@ import yaml
 
 from safe.core.errors import SafeError
 from safe.core.settings import BadSetting, checked_value, section_problems, setting
+from safe.models.presets import ModelConfig, canonical_preset, preset_with
 
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
 DEFAULT_OUTPUT_ROOT = "experiments/full_training/runs"
@@ -34,13 +35,6 @@ def check_variant(name: str) -> str:
     if name not in VARIANTS:
         raise SafeError(f"Unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.")
     return name
-
-
-def canonical_preset(name: str) -> str:
-    """The preset's canonical name; the user's earlier names `full` and `demo` keep working."""
-    from safe.models.presets import get_preset
-
-    return get_preset(name).name
 
 
 ALL = "all"  # an evaluation limit meaning the whole split (None in the config)
@@ -116,36 +110,6 @@ class DataConfig:
         if self.feature_cache_memory_mb < 0:
             raise SafeError("--feature-cache-memory-mb must be >= 0 (0 turns the in-memory layer off).")
         return dataclasses.replace(self, source_weights=weights)
-
-
-@dataclass
-class ModelConfig:
-    preset: str = setting("tiny", "model preset: tiny, llava-1.5-7b, llava-1.5-13b (aliases: demo, full)",
-                          names=("--model-config", "--preset"), dest="model_config",
-                          default_text="tiny on a toy world, llava-1.5-7b on other data")
-    base_model: str | None = setting(None, "hub id or local path of the base LLaVA", default_text="the preset's")
-    audio_encoder: str | None = setting(None, "clap, whisper, or a hub id / local path of the audio encoder",
-                                        default_text="the preset's")
-    fusion: str = setting("xattn", "how audio reaches the LLM: gated cross-attention adapters or prefix tokens",
-                          choices=("xattn", "prefix"))
-    lora_rank: int = setting(0, "LoRA rank on the LLM's projections, active on the SAFE path only (0 = off)")
-    num_audio_tokens: int | None = setting(None, "audio tokens per clip", default_text="the preset's")
-    xattn_layers: list[int] | None = setting(None, "decoder layers that get an xattn adapter",
-                                             default_text="spread over depth")
-    xattn_gate: str | None = setting(None, "xattn gate: one scalar per layer (layer) or a per-token gate on the "
-                                     "query state (token)", choices=("layer", "token"), default_text="layer")
-    system_prompt: bool | None = setting(None, "llava-1.5 presets: LLaVA-1.5's vicuna_v1 system message before "
-                                         "every prompt", default_text="on for llava-1.5")
-    pad_to_square: bool | None = setting(None, "llava-1.5 presets: pad images to square with the mean colour, as "
-                                         "LLaVA-1.5 (off = centre crop)", default_text="on for llava-1.5")
-
-    def validate(self) -> "ModelConfig":
-        """A normalised copy (the preset's canonical name), or one sentence on the first bad value."""
-        if self.fusion not in ("xattn", "prefix"):
-            raise SafeError(f"--fusion must be xattn or prefix, not {self.fusion!r}.")
-        if self.lora_rank < 0:
-            raise SafeError("--lora-rank must be >= 0.")
-        return dataclasses.replace(self, preset=canonical_preset(self.preset))
 
 
 @dataclass
@@ -282,7 +246,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
+        """The config a config.json records. Its model section is applied to its preset, so a section written
+        before every model setting was recorded (null = the preset's) reads as the model that run built."""
         config = cls()
+        model = values.get("model")
+        if isinstance(model, dict):
+            values = {**values, "model": dataclasses.asdict(preset_with(model.get("preset", config.model.preset),
+                                                                        model))}
         apply_overrides(config, values, source="config")
         return config
 
@@ -387,6 +357,9 @@ def build_config(yaml_values: dict | None = None, cli_values: dict | None = None
     apply_variant_defaults(config, explicit=explicit)
     apply_overrides(config, flat_yaml, source="the config file")
     apply_overrides(config, cli_values, source="the command line")
+    # The model is the preset with the model settings the user gave: config.json then records every one of them.
+    given = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model) if f.name in explicit}
+    config.model = preset_with(config.model.preset, given)
     for key, value in preset_train_defaults(config.model.preset, explicit).items():
         setattr(config.train, key, value)  # resolved here, so config.json records the values used
     config = config.validate()

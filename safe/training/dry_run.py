@@ -96,10 +96,9 @@ def active_parameters(model) -> int:
 def model_figures(config, log=note) -> dict:
     """Part 1, the model alone: parameters, weight memory, where each model comes from."""
     from safe.models.meta import base_config, build_on_meta, count_parameters
-    from safe.models.presets import preset_for
     from safe.models.staging import cached_snapshot, hub_models
 
-    preset = preset_for(config)
+    preset = config.model
     model = build_on_meta(preset, log=log)
     counts = count_parameters(preset, model)
     hub = {m.repo_id: m for m in hub_models(preset)}
@@ -186,7 +185,7 @@ def _duration(seconds: float) -> str:
 
 def model_report(config, f: dict) -> str:
     c, shapes = f["counts"], f["shapes"]
-    lines = [f"Dry run: {config.train.variant} on {f['preset'].name} (nothing is trained, no run folder is written)",
+    lines = [f"Dry run: {config.train.variant} on {f['preset'].preset} (nothing is trained, no run folder is written)",
              "Models"]
     lines += [f"  {role:<14} {name}  ({state})" for role, name, state in f["sources"]]
     lines += [f"  architecture   {f['architecture']}; built on the meta device",

@@ -17,9 +17,8 @@ from safe.models.projector import pre_pool, pre_pool_grid
 
 def run_grid(config) -> int | None:
     """The pre-pool grid of the run's projector (what its feature-cache entries hold)."""
-    from safe.models.presets import preset_for
 
-    preset = preset_for(config)
+    preset = config.model
     return pre_pool_grid(preset.num_audio_tokens, preset.pre_pool_steps)
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from safe.models.encoder_registry import sample_rate
-from safe.models.presets import preset_for
 
 
 def audio_settings(config) -> tuple[int, float]:
     """(sample rate, clip seconds) the data layer must produce for this run's audio encoder."""
-    preset = preset_for(config)
+    preset = config.model
     return sample_rate(preset.audio_encoder, preset.audio_encoder_path), preset.clip_seconds
 
 
@@ -18,6 +17,6 @@ def build_model(config, device: torch.device):
     from safe.core.threads import set_intra_op_threads
     from safe.models.factory import build_safe_model
 
-    preset = preset_for(config)
+    preset = config.model
     set_intra_op_threads(preset, device)
     return build_safe_model(preset, device=device)

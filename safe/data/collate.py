@@ -41,7 +41,6 @@ class AudioItems(Items):
     audio_paths: list[str] = field(default_factory=list)
 
 
-
 @dataclass
 class VQAItems(Items):
     """VQA questions with their images: preprocessed `pixel_values` when the dataset has the model's image

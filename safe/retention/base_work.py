@@ -122,8 +122,6 @@ class BaseWorkCache:
     def answers(self, collated: VQAItems) -> dict[str, str]:
         """Cached greedy answers of a collated VQA batch's questions, by question id (missing ones are absent)."""
         found: dict[str, str] = {}
-        if collated.image_paths is None:
-            return found  # a batch that does not say its images (not from the VQA dataset): nothing to look up
         for row, qid in enumerate(map(str, collated.ids)):
             extra = self._extra(collated, row)
             entry = self._entry(collated.image_paths[row], extra)

@@ -9,6 +9,7 @@ from typing import Any
 from safe.core.errors import SafeError
 from safe.core.settings import setting
 from safe.models.encoder_registry import ENCODERS, encoder_kind
+from safe.models.prompts import STYLES
 
 AUDIO_ENCODERS = tuple(ENCODERS)
 FUSIONS = ("xattn", "prefix")
@@ -56,7 +57,7 @@ class ModelConfig:
     lora_dropout: float = setting(0.0, "LoRA's dropout")
     tiny_seed: int = setting(0, "tiny preset: seed of its toy world, base model and audio encoder")
     prompt_style: str = setting("tiny", "prompt format: llava_v1 (LLaVA-1.5's) or tiny (the toy base's)",
-                                choices=("llava_v1", "tiny"), default_text="the preset's: llava_v1, tiny")
+                                choices=tuple(STYLES), default_text="the preset's: llava_v1, tiny")
     system_prompt: bool = setting(True, "llava_v1 prompts: LLaVA-1.5's vicuna_v1 system message before every "
                                   "prompt")
     pad_to_square: bool = setting(False, "pad images to square with the mean colour, as LLaVA-1.5 (off = centre "
@@ -64,9 +65,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """A normalised copy (the preset's canonical name, plain lists), or one sentence on the first bad value."""
-        checks = [("audio_encoder", AUDIO_ENCODERS), ("fusion", FUSIONS), ("xattn_gate", ("layer", "token")),
-                  ("audio_features", ("patch", "pooled")), ("prompt_style", ("llava_v1", "tiny"))]
-        for name, allowed in checks:
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise SafeError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, not "
                                 f"{getattr(self, name)!r}.")
@@ -94,6 +93,10 @@ class ModelConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+# The allowed values of each setting that has a fixed set: the flags' choices, and the encoder kinds (the flag also
+# takes a hub id or a folder, which `preset_with` turns into its kind).
+CHOICES = {"audio_encoder": AUDIO_ENCODERS, **{f.name: f.metadata["flag"]["choices"] for f in dataclasses.fields(
+    ModelConfig) if "choices" in f.metadata["flag"]}}
 # Settings whose None means something (see ModelConfig); a None anywhere else means "not given".
 NONE_MEANS_SOMETHING = {f.name for f in dataclasses.fields(ModelConfig) if f.default is None}
 

@@ -30,7 +30,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def check_variant(name: str) -> str:
     if name not in VARIANTS:
         raise SafeError(f"Unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.")

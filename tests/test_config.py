@@ -78,6 +78,25 @@ def test_every_setting_is_a_flag_that_shows_its_real_default_and_reaches_the_con
     assert config.model.preset == "tiny"
 
 
+def test_the_pre_pool_grid_of_a_real_preset_can_be_turned_off_or_changed_from_the_command_line():
+    import argparse
+
+    from safe.training.cli import config_from_args, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+
+    def model(*flags):
+        return config_from_args(parser.parse_args(["--model-config", "llava-1.5-7b", *flags])).model
+
+    assert model().pre_pool_steps == 32                                # the preset's grid
+    assert model("--pre-pool-steps", "off").pre_pool_steps is None     # off: the projector pools the raw sequence
+    assert model("--pre-pool-steps", "48").pre_pool_steps == 48
+    for bad in ("0", "none", "-4"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--pre-pool-steps", bad])
+
+
 def test_a_preset_is_a_model_config_and_config_json_records_the_whole_model():
     import dataclasses
 

@@ -139,6 +139,25 @@ def section_problems(section) -> list[str]:
     return problems
 
 
+OFF = "off"  # a flag's word for a setting that None turns off; the config holds None
+
+
+def count_or_off(text: str):
+    """A count of at least 1, or 'off' (the flag's parser for a setting whose None means off: an absent flag is
+    None too, "not given", so the word is how a user turns off what the preset turns on)."""
+    import argparse
+
+    if text.strip().lower() == OFF:
+        return OFF
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{OFF}', not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or '{OFF}')")
+    return value
+
+
 def setting(default, help: str, **flag) -> Any:
     """A config field and its command-line flag in one line: ``help`` is the flag's help; ``flag`` holds what the
     flag needs beyond the field's name, type and default (choices, type, names, dest, nargs, const, default_text).

@@ -8,6 +8,7 @@ import os
 import types
 import typing
 
+from safe.core.settings import OFF
 from safe.training.config import (
     ALL,
     PRESET_TRAIN_DEFAULTS,
@@ -68,8 +69,8 @@ CONTROL_FLAGS = {"config", "command", "subcommand", "_module", "verbose", "dry_r
 
 def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k not in CONTROL_FLAGS}
-    unlimited = {k for k, v in values.items() if v == ALL}
-    values = {k: None if k in unlimited else v for k, v in values.items()}
+    cleared = {k for k, v in values.items() if v in (ALL, OFF)}  # 'all' / 'off': None in the config
+    values = {k: None if k in cleared else v for k, v in values.items()}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
     if values.get("resume") is None and "preset" not in explicit_settings(yaml_values, values):
         # An unnamed preset follows the data: the toy model on a toy world, LLaVA-1.5-7B on real data (a resumed
@@ -85,8 +86,9 @@ def config_from_args(args: argparse.Namespace):
             if _is_rank_zero():
                 print(f"model: {chosen} (the default on real data; --model-config chooses another, tiny included)")
     config = build_config(yaml_values, values)
-    for key in unlimited:  # set after the merge: a None flag means "not given"
-        setattr(config.data, key, None)
+    for key in cleared:  # set after the merge: a None flag means "not given"
+        section = next(getattr(config, name) for name in SECTIONS if hasattr(getattr(config, name), key))
+        setattr(section, key, None)
     return config
 
 

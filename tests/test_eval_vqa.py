@@ -1,4 +1,5 @@
-"""VQA v2 accuracy: official answer normalisation and the leave-one-annotator-out rule."""
+"""VQA v2 accuracy: the official answer normalisation, the official script's treatment of the annotators' answers
+and the leave-one-annotator-out rule."""
 
 import pytest
 
@@ -45,16 +46,30 @@ def test_leave_one_out_values_with_ten_answers(matches, expected):
     assert vqa_accuracy("2", answers) == pytest.approx(expected, abs=1e-12)
 
 
-def test_matching_uses_normalised_prediction_and_answers():
-    answers = ["2", "2", "2", "two", "Two.", "3", "3", "3", "3", "3"]  # 5 say two after normalising
-    assert vqa_accuracy("two", answers) == 1.0
-    assert vqa_accuracy("The 2!", answers) == 1.0
+def test_the_prediction_is_normalised_and_the_answers_get_only_the_punctuation_step():
+    # As in the official vqaEval.py: "two" and "Two." stay words (only the period goes), so of the five
+    # annotators who meant two, the three who wrote "2" match a prediction normalised to "2".
+    answers = ["2", "2", "2", "two", "Two.", "3", "3", "3", "3", "3"]
+    assert vqa_accuracy("two", answers) == pytest.approx(0.9)
+    assert vqa_accuracy("The 2!", answers) == pytest.approx(0.9)
     assert vqa_accuracy("3", answers) == 1.0
     assert vqa_accuracy("4", answers) == 0.0
 
 
+def test_the_official_scripts_quirks_are_kept():
+    # GT-Vision-Lab/VQA issue 7: a prediction "none" becomes "0" and matches no annotator who wrote "none".
+    disagreeing = ["none"] * 4 + ["nothing"] * 6
+    assert vqa_accuracy("none", disagreeing) == 0.0 and vqa_accuracy("0", disagreeing) == 0.0
+    assert vqa_accuracy("nothing", disagreeing) == 1.0
+    # Articles are dropped from the prediction only.
+    assert vqa_accuracy("the dog", ["the dog"] * 10) == 0.0
+    # Annotators who all agree are compared as stored; disagreeing ones get the punctuation step.
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0            # the prediction became "t shirt"
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
+
+
 @pytest.mark.parametrize("prediction, answer", [
-    ("yes.", "yes"), ("Yes!", "yes"), ("  YES ", "yes"), ("a dog", "dog"), ("dog", "the dog"),
+    ("yes.", "yes"), ("Yes!", "yes"), ("  YES ", "yes"), ("a dog", "dog"),
     ("dont know", "don't know"), ("whats", "what's"), ("two", "2"), ("2.5", "2.5"),
 ])
 def test_equivalent_forms_count_as_matches(prediction, answer):

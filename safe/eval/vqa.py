@@ -11,15 +11,16 @@ Answer normalisation (`normalize_answer`), in the official order:
    a / an / the are dropped, and apostrophe-less contractions get their apostrophe back
    ("dont" -> "don't", "whats" -> "what's"); words are re-joined with single spaces.
 
-Accuracy of one question (`vqa_accuracy`): for each of the n annotators, leave that annotator out
-and score min(1, matches among the other n-1 / 3); the question's accuracy is the mean over the n
+Accuracy of one question (`vqa_accuracy`), as the official `vqaEval.py` computes it: the prediction gets the
+whole normalisation above; the annotators' answers are compared as stored, except that when they disagree (more
+than one distinct answer) each gets the punctuation step (2) only. Then, for each of the n annotators, leave that
+annotator out and score min(1, matches among the other n-1 / 3); the question's accuracy is the mean over the n
 subsets. With 10 answers, k matching answers give 0, 0.3, 0.6, 0.9, 1.0 for k = 0, 1, 2, 3, 4+.
 
-One deliberate difference from the official script: it applies only step 2 to the ground truth,
-and only when annotators disagree, because the released VQA v2 annotations are already stored in
-normalised form. We apply the full normalisation to every ground-truth answer, which gives the
-same result on the released annotations (normalisation is idempotent on them) and sensible
-results on raw answers such as the toy world's ("Two" vs "2").
+The ground truth is deliberately not given the number-word, article and contraction steps, because the official
+script does not give it them: a prediction "none" becomes "0" and so matches no annotator who wrote "none", as on
+the evaluation server (GT-Vision-Lab/VQA issue 7), and "dog" matches no annotator who wrote "the dog". A figure
+meant to sit beside published ones must follow the same rule, quirks included.
 """
 
 from __future__ import annotations
@@ -123,16 +124,19 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """Official VQA accuracy (0..1) of one predicted answer against the annotators' answers.
 
     Works for any number of answers (VQA v2 has 10): the mean over the leave-one-annotator-out
-    subsets of min(1, matches/3), after normalising the prediction and every answer. With a
-    single answer the subsets would be empty, so that case is plain exact match (0 or 1).
+    subsets of min(1, matches/3), the prediction normalised and the answers treated as the official
+    script treats them (module docstring). With a single answer the subsets would be empty, so that
+    case is plain exact match (0 or 1).
     """
     if isinstance(answers, str):
         raise TypeError("vqa_accuracy() needs a list of ground-truth answers, not a single string")
     if len(answers) == 0:
         raise SafeError("vqa_accuracy() got an empty list of ground-truth answers; "
                         "every VQA question needs its annotators' answers (10 in VQA v2).")
-    normalized = [normalize_answer(str(answer)) for answer in answers]
-    return _accuracy_of_normalized(normalize_answer(prediction), normalized)
+    stored = [str(answer) for answer in answers]
+    if len(set(stored)) > 1:  # the official script touches the answers only when the annotators disagree
+        stored = [_strip_punctuation(answer) for answer in stored]
+    return _accuracy_of_normalized(normalize_answer(prediction), stored)
 
 
 def vqa_score(predictions: Mapping[Hashable, str], answers: Mapping[Hashable, Sequence[str]],

@@ -217,3 +217,13 @@ def test_applied_adamw_update_is_orthogonal_to_every_protected_direction():
 
     assert step(project_update=True) <= 1e-5
     assert step(project_update=False) > 1e-3               # the projected gradient alone leaks through AdamW
+
+
+def test_a_null_space_basis_read_from_a_checkpoint_moves_to_the_parameters_device():
+    # Checkpoints are read onto the CPU; a GPU run's gradients are on the GPU (here the meta device stands in for
+    # it), and projecting them with a CPU basis would raise on the first step after a resume.
+    saved = NullSpaceProjector({"w": torch.nn.Parameter(torch.zeros(4))}, rank=2)
+    saved.add({"w": torch.tensor([1.0, 0.0, 2.0, 0.0])})
+    resumed = NullSpaceProjector({"w": torch.nn.Parameter(torch.zeros(4, device="meta"))}, rank=2)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.basis.device.type == "meta" and resumed.scales.device.type == "meta" and resumed.samples == 1

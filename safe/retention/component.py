@@ -30,6 +30,7 @@ from safe.retention.fisher import FisherPenalty
 from safe.retention.gates import audio_path_open
 from safe.retention.kl import kl_distillation
 from safe.retention.null_space import NullSpaceProjector
+from safe.retention.ranks import Ranks
 
 DISTRACTOR_SALT, FISHER_SALT, NULL_SPACE_SALT = 7, 11, 13
 
@@ -37,15 +38,15 @@ DISTRACTOR_SALT, FISHER_SALT, NULL_SPACE_SALT = 7, 11, 13
 class Retention:
     def __init__(self, model, config, next_vl_batch: Callable[[], VQAItems],
                  distractors: Callable[[list], torch.Tensor],
-                 autocast: Callable = contextlib.nullcontext, reduce: Callable | None = None,
+                 autocast: Callable = contextlib.nullcontext, ranks: Ranks | None = None,
                  log: Callable[[dict], None] = lambda record: None, base_work=None):
         """``next_vl_batch()`` returns the next collated VQA training batch; ``distractors(keys)`` returns encoder
-        features of one training clip per key (the same keys, the same clips); ``reduce(tensors)`` averages a dict
-        of tensors across ranks (identity in one process); ``base_work`` (a safe.retention.base_work.BaseWorkCache,
+        features of one training clip per key (the same keys, the same clips); ``ranks`` reaches the other ranks
+        (one process by default); ``base_work`` (a safe.retention.base_work.BaseWorkCache,
         or None) holds base answers and teacher logits shared by every run of this base."""
         self.model, self.config, self.settings = model, config, config.retention
         self.next_vl_batch, self.distractors, self.autocast = next_vl_batch, distractors, autocast
-        self.reduce = reduce or (lambda tensors: tensors)
+        self.ranks = ranks or Ranks()
         self.log = log
         self.params = model.named_trainable_parameters()
         self.base_answers: dict[str, str] = {}  # gate-0 greedy answers to training questions: the KL targets
@@ -177,23 +178,30 @@ class Retention:
         """Re-estimate the Fisher and the null-space basis when due, once the audio path is open."""
         if self.fisher is None and self.null_space is None:
             return
-        if not audio_path_open(self.model, self.settings.protect_from_gate):
+        # Taken together: a per-token gate's openness comes from each rank's own batch, and a rank that skipped
+        # would leave the others waiting in the estimates' collectives.
+        if not self.ranks.any_true(audio_path_open(self.model, self.settings.protect_from_gate)):
             return
         if self.fisher is not None and (self.fisher.fisher is None or step % self.settings.fisher_refresh == 0):
             used = self.fisher.estimate((functools.partial(self._nll, b) for b in self._fisher_batches(step)),
-                                        reduce=self.reduce)
+                                        reduce=self.ranks.average)
             self.log({"event": "fisher_refresh", "step": step, "samples": used, "kind": self.settings.fisher_kind})
         if self.null_space is not None and (self.null_space.basis is None
                                             or step % self.settings.null_space_refresh == 0):
             self.null_space.reset()
-            names = list(self.null_space.params)
-            tensors = list(self.null_space.params.values())
-            for collated, features in self._samples(self.settings.null_space_samples, NULL_SPACE_SALT, step):
-                grads = torch.autograd.grad(self._nll(self.vl_batch(collated, features)), tensors, allow_unused=True)
-                # Averaged over ranks so that every rank protects the same basis.
-                self.null_space.add(self.reduce({n: g for n, g in zip(names, grads) if g is not None}))
+            samples = self._samples(self.settings.null_space_samples, NULL_SPACE_SALT, step)
+            for index, (collated, features) in enumerate(samples):
+                self.null_space.add_owned(index, functools.partial(self._protected_gradient, collated, features),
+                                          self.ranks)
             self.log({"event": "null_space_refresh", "step": step, "rank": self.null_space.dimension,
-                      "samples": self.null_space.samples, "protected_tensors": len(names)})
+                      "samples": self.null_space.samples, "protected_tensors": len(self.null_space.params)})
+
+    def _protected_gradient(self, collated: VQAItems, features: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """One sample's VL-likelihood gradient with respect to the null space's protected tensors."""
+        assert self.null_space is not None
+        names, tensors = list(self.null_space.params), list(self.null_space.params.values())
+        grads = torch.autograd.grad(self._nll(self.vl_batch(collated, features)), tensors, allow_unused=True)
+        return dict(zip(names, grads))
 
     # ----------------------------------------------------------------------------- the update
 

@@ -27,6 +27,8 @@ import torch
 
 from safe.retention.gates import is_gate
 
+_COUNT = "\0samples"  # the sample count travels with the sums (no parameter has this name)
+
 
 class FisherPenalty:
     def __init__(self, params: dict[str, torch.nn.Parameter]):
@@ -37,8 +39,9 @@ class FisherPenalty:
 
     def estimate(self, sample_nlls: Iterable[Callable[[], torch.Tensor]], reduce=None) -> int:
         """F from per-sample negative log-likelihoods (each callable returns one sample's NLL, summed over its
-        answer tokens); the anchor becomes the current parameters. ``reduce`` averages F across ranks. Returns
-        the number of samples used (non-finite ones are skipped)."""
+        answer tokens); the anchor becomes the current parameters. ``reduce`` averages a dict of tensors across
+        ranks: F is then the mean over every rank's samples. Returns the number of this rank's samples used
+        (non-finite ones are skipped); no estimate is taken when no rank has one."""
         names = [n for n, p in self.params.items() if p.requires_grad]
         tensors = [self.params[n] for n in names]
         totals = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
@@ -52,10 +55,14 @@ class FisherPenalty:
                 if grad is not None:
                     total.add_(grad.detach().float() ** 2)
             count += 1
-        if count == 0:
+        sums = dict(zip(names, totals))
+        sums[_COUNT] = torch.tensor(float(count), device=totals[0].device if totals else None)
+        if reduce is not None:  # every rank reaches this collective, whatever its count: sums and counts alike
+            sums = reduce(sums)
+        samples = float(sums.pop(_COUNT))
+        if samples == 0:
             return 0
-        fisher = {name: total / count for name, total in zip(names, totals)}
-        self.fisher = reduce(fisher) if reduce is not None else fisher
+        self.fisher = {name: total / samples for name, total in sums.items()}
         self.anchor = {name: self.params[name].detach().float().clone() for name in names}
         self.samples = count
         return count

@@ -16,11 +16,12 @@ could cover; those are left to KL retention.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from safe.retention.gates import is_gate
+from safe.retention.ranks import Ranks
 
 
 class NullSpaceProjector:
@@ -52,7 +53,7 @@ class NullSpaceProjector:
             parts.append(torch.zeros(p.numel(), device=p.device) if t is None else t.detach().reshape(-1).float())
         return torch.cat(parts)
 
-    def add(self, grads: dict[str, torch.Tensor | None]) -> None:
+    def add(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Merge one gradient into the basis: the top-r right singular vectors of [basis rows scaled; g], from the
         (k+1)×(k+1) Gram matrix, so memory stays O(r·P) however many gradients are merged."""
         vector = self._flat(grads)[None]
@@ -71,6 +72,18 @@ class NullSpaceProjector:
         self.basis = torch.linalg.qr(basis.T).Q.T                    # re-orthonormalise against round-off
         self.scales = values.sqrt()
         self.samples += 1
+
+    def add_owned(self, index: int, gradient: Callable[[], Mapping[str, torch.Tensor | None]], ranks: Ranks) -> None:
+        """Merge sample ``index``'s gradient into the basis on every rank alike. The ranks share the samples out
+        round-robin: the owner computes ``gradient()`` and the others send zeros, so the average over ranks is that
+        one sample's gradient. (Averaging every rank's own sample would protect a mean of unrelated questions,
+        none of them, and the basis would change with the number of GPUs.)"""
+        share: dict[str, torch.Tensor] = {
+            name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
+        if ranks.owns(index):
+            share.update({name: g.float() * ranks.world_size for name, g in gradient().items()
+                          if g is not None and name in share})
+        self.add(ranks.average(share))
 
     def _project_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
         """tensors[name] -= (Uᵀ U v) restricted to name, in place, for the concatenated v."""
@@ -107,4 +120,7 @@ class NullSpaceProjector:
         return {"basis": self.basis, "scales": self.scales, "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.basis, self.scales, self.samples = state["basis"], state["scales"], state.get("samples", 0)
+        # A checkpoint is read onto the CPU: the basis goes back to the parameters' device (a GPU run's gradients).
+        device = next(iter(self.params.values())).device if self.params else None
+        self.basis, self.scales = (None if t is None else t.to(device) for t in (state["basis"], state["scales"]))
+        self.samples = state.get("samples", 0)

@@ -11,6 +11,7 @@ train_log.jsonl, checkpoints (atomic, resumable) and plots.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from safe.core.errors import SafeError
 from safe.data.collate import AudioItems, Items, VQAItems
 from safe.retention import build_retention
 from safe.retention.gates import gate_openness
+from safe.retention.ranks import Ranks
 from safe.training import faults
 from safe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from safe.training.config import RunConfig, field_index
@@ -307,7 +309,9 @@ class Trainer:
         self.retention = build_retention(
             self.model, self.config, next_vl_batch=self._next_vl_batch,
             distractors=self._training_distractors, autocast=self._autocast,
-            reduce=lambda tensors: average_tensors(tensors, self.dist), log=lambda record: self.logger.log(record))
+            ranks=Ranks(self.dist.rank, self.dist.world_size, functools.partial(average_tensors, info=self.dist),
+                        functools.partial(any_true, info=self.dist)),
+            log=lambda record: self.logger.log(record))
 
     def _setup_outputs(self) -> None:
         train = self.config.train

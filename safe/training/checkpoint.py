@@ -56,7 +56,10 @@ def set_rng_state(state: dict) -> None:
     keys, pos, has_gauss, cached = json.loads(state["numpy"])
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU rank 0 saw; a job resumed on fewer GPUs restores those it has (set_rng_state_all
+        # would index past them).
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 POINTER = "latest.json"

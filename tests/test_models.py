@@ -16,7 +16,15 @@ from PIL import Image
 from safe.core.errors import SafeError
 from safe.models.audio_encoders import TinyConvEncoder
 from safe.models.presets import get_preset
-from safe.models.prompts import IGNORE_INDEX, LLAVA_V1, SPLICE_AFTER, TINY, VICUNA_SYSTEM, encode_example
+from safe.models.prompts import (
+    IGNORE_INDEX,
+    LLAVA_V1,
+    SPLICE_AFTER,
+    TINY,
+    VICUNA_SYSTEM,
+    encode_example,
+    encode_examples,
+)
 from safe.models.safe_model import SAFEModel
 from safe.models.tiny_base import build_processor, build_tokenizer, build_untrained
 
@@ -398,3 +406,34 @@ def test_activation_checkpointing_keeps_gradients_and_saves_less(parts, fusion, 
     # No-grad paths (teacher, generation) are untouched: the base at gate 0 still equals the bare base.
     with torch.no_grad():
         assert torch.equal(model(batch, gate=0.0).logits, base_logits(parts[2], model, batch))
+
+
+def llama_style_tokenizer():
+    """A real transformers LlamaTokenizer (byte-fallback BPE, "▁" word marks) over a small hand-made vocabulary:
+    the sentencepiece behaviour of LLaVA-1.5's tokenizer, which the word-level toy tokenizer does not have."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for char in sorted(set("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:?")):
+        vocab[char] = len(vocab)
+    merges = []
+    for word in ("▁USER", "▁ASSISTANT", "▁yes", "▁red"):
+        piece = word[0]
+        for char in word[1:]:
+            if piece + char not in vocab:
+                merges.append((piece, char))
+                vocab[piece + char] = len(vocab)
+            piece += char
+    return LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_prefix_space=True)
+
+
+def test_an_empty_answer_is_supervised_as_eos_alone_under_a_sentencepiece_tokenizer():
+    # A base that stops at once answers "": its KL target is EOS at the answer's first position, not the "▁" that
+    # joining prompt + " " + "" tokenizes to.
+    tokenizer = llama_style_tokenizer()
+    prompt = TINY.caption()
+    empty, yes = encode_examples(tokenizer, [prompt, prompt], ["", "yes"])
+    supervised = [[t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX] for e in (empty, yes)]
+    assert supervised[0] == [tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(supervised[1]) == ["▁yes", "</s>"]
+    assert empty.input_ids[: empty.prompt_len] == yes.input_ids[: yes.prompt_len] == tokenizer(prompt)["input_ids"]

@@ -139,7 +139,10 @@ def encode_example(tokenizer, prompt: str, answer: str | None = None, add_eos: b
 
 def _answer_ids(tokenizer, prompt_ids: list[int], full: list[int], answer: str) -> list[int]:
     """Answer ids exactly as they follow the prompt in ``full`` = ids of prompt + " " + answer (sentencepiece
-    merges depend on context); the answer alone when the prompt's ids are not a prefix of ``full``."""
+    merges depend on context); the answer alone when the prompt's ids are not a prefix of ``full``. An empty answer
+    (a base that stopped at once) is no tokens: joined, its space alone would be a token ("▁") the base never said."""
+    if not answer:
+        return []
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return full[len(prompt_ids):]
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"])

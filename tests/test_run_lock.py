@@ -1,6 +1,7 @@
 """RunLock: one process at a time trains in a run folder. Real processes hold and contend for the lock; a killed
 holder leaves no stale lock behind."""
 
+import os
 import subprocess
 import sys
 import time
@@ -90,3 +91,33 @@ def test_release_lets_the_next_holder_in_and_one_process_cannot_hold_it_twice(tm
     assert not second.held
     with pytest.raises(SafeError, match="does not exist"):
         RunLock(tmp_path / "missing").acquire()
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys, code):
+    # Lustre mounted without -o flock answers flock with ENOSYS; such a cluster must still be able to train.
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), "not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = RunLock(tmp_path).acquire()
+    assert lock.held and not lock.locked
+    assert "does not support locks" in capsys.readouterr().err
+    assert (tmp_path / "run.lock").read_text().split()[0] == str(os.getpid())
+    lock.release()
+    assert not lock.held and (tmp_path / "run.lock").read_text() == ""
+
+
+def test_another_flock_error_is_not_taken_for_a_file_system_without_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="input/output"):
+        RunLock(tmp_path).acquire()

@@ -88,3 +88,23 @@ def test_resume_a_two_process_checkpoint_with_one_process(toy_world, tmp_path):
     assert metrics["training"]["world_size"] == 1 and metrics["validation"]["gate0_exact"] is True
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert any(r["event"] == "resumed" and r["step"] == 2 for r in log)
+
+
+def test_a_run_resumed_on_fewer_processes_keeps_its_learning_rate_schedule(toy_world, tmp_path):
+    # With --num-epochs the step count follows the global batch: 120 clips in batches of 8 on 2 ranks is 8 steps,
+    # on 1 rank 15. The resumed run keeps its 8-step cosine instead of climbing back up a 15-step one.
+    out, dump = tmp_path / "runs", tmp_path / "dump"
+    config_path = tmp_path / "config.json"
+    settings = dict(variant="no_retention", num_epochs=1, max_steps=None, train_batch_size=8, log_every=1)
+    config_path.write_text(json.dumps(values(toy_world, out, **settings)))
+    torchrun(2, config_path, dump, 2)  # stop after 2 of 8 steps
+    run_dir = next(out.iterdir())
+    config_path.write_text(json.dumps(values(toy_world, out, **settings, resume=str(run_dir))))
+    resumed = torchrun(1, config_path, dump / "resumed")
+    assert "keeping the run's schedule (8 steps" in resumed.stdout
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    (kept,) = [r for r in log if r["event"] == "schedule_kept"]
+    assert kept["saved"]["total_steps"] == 8 and kept["recomputed"]["total_steps"] == 15
+    assert json.loads((run_dir / "run_state.json").read_text()) == {"state": "completed", "step": 8}
+    lrs = [r["lr_projector"] for r in log if r["event"] == "train"]
+    assert len(lrs) == 8 and all(later <= earlier for earlier, later in zip(lrs, lrs[1:]))  # past warm-up: down

@@ -302,8 +302,8 @@ class Trainer:
                                      **shard) if self.data.vqa_train is not None else None
         self.total_steps = train.max_steps or train.num_epochs * math.ceil(
             self.audio_stream.batches_per_epoch / train.gradient_accumulation_steps)
-        warmup = train.warmup_steps if train.warmup_steps is not None else max(1, self.total_steps // 20)
-        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
+        self.warmup_steps = train.warmup_steps if train.warmup_steps is not None else max(1, self.total_steps // 20)
+        self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps)
 
     def _setup_retention(self) -> None:
         self.retention = build_retention(
@@ -354,6 +354,7 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
             "audio_stream": self.audio_stream.state(),
             "vl_stream": self.vl_stream.state() if self.vl_stream else None,
             "retention": self.retention.state_dict() if self.retention else None,
@@ -374,11 +375,30 @@ class Trainer:
         barrier(self.dist)
         self.saved_step, self.saved_at = self.step, time.monotonic()
 
+    def _keep_schedule(self, saved: dict | None) -> None:
+        """A run resumed on another number of GPUs keeps its learning-rate schedule: with --num-epochs the step
+        count follows the global batch, and recomputing it would move the cosine under the saved step (8 -> 4 GPUs
+        doubles it, so the rate climbs back up). Changing max_steps, num_epochs or warmup_steps on purpose
+        (--override-on-resume) still takes effect."""
+        if saved is None or any(key in self.overridden for key in ("max_steps", "num_epochs", "warmup_steps")):
+            return
+        now = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        if saved == now:
+            return
+        self.total_steps, self.warmup_steps = saved["total_steps"], saved["warmup_steps"]
+        self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps)
+        self.logger.log({"event": "schedule_kept", "saved": saved, "recomputed": now,
+                         "world_size": self.dist.world_size})
+        if self.is_main:
+            print(f"resume: keeping the run's schedule ({saved['total_steps']} steps, {saved['warmup_steps']} of "
+                  f"warm-up) rather than the {now['total_steps']} steps this number of GPUs would give")
+
     def _restore(self) -> None:
         path = latest_checkpoint(self.run_dir)
         assert path is not None  # resolve_run_dir resumes only a run that holds a checkpoint
         state = load_checkpoint(path, self.model)
         self.step = state["step"]
+        self._keep_schedule(state.get("schedule"))  # before the optimizer's state: a new scheduler resets the rates
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.audio_stream.load_state(state["audio_stream"])
@@ -455,7 +475,10 @@ class Trainer:
         # gradients are dropped below before the optimizer could see them.
         grads = [p for p in self.params.values() if p.grad is not None]
         total_norm = torch.nn.utils.clip_grad_norm_(grads, config.train.grad_clip) if grads else zero
-        figures = torch.stack([total_norm.float().to(self.device), *losses.values()]).tolist()  # one sync for all
+        # The losses logged are the mean over ranks, as the gradients are (the norm is of the averaged gradients);
+        # a non-finite loss on any rank makes its mean non-finite everywhere.
+        mean_losses = average_tensors({"losses": torch.stack(list(losses.values()))}, self.dist)["losses"]
+        figures = torch.cat([total_norm.float().to(self.device)[None], mean_losses]).tolist()  # one sync for all
         grad_norm, losses = figures[0], dict(zip(losses, figures[1:]))
         finite = all(math.isfinite(v) for v in figures)
         if not all_true(finite, self.dist):

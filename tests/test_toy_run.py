@@ -45,4 +45,6 @@ def test_a_short_toy_run_learns_with_the_tiny_defaults_and_reports_plainly(toy_w
     assert as_json.returncode == 0, as_json.stderr
     metrics = json.loads(as_json.stdout)
     assert metrics["audio_samples"] == 4 and metrics["vl_samples"] == 4
+    # The subset is visible: 4 of the toy val split's 16 clips and 30 questions; every pair in the listening control.
+    assert (metrics["audio_split_samples"], metrics["vl_split_samples"], metrics["audio_listen_samples"]) == (16, 30, 4)
     assert f"{metrics['audio_cider']:.2f}" in table.stdout                      # the table shows the same figure

@@ -61,6 +61,7 @@ class _ManifestDataset(Dataset):
             row["_where"] = where
             rows.append(row)
         rows = self._build_items(rows)
+        self.split_size = len(rows)  # before any subset: metrics say "n of the split's N"
         if max_samples is not None and len(rows) > max_samples:
             # A seeded random subset spread over images/clips, never the first N (files are grouped by image).
             rows = [rows[i] for i in spread_subset([self.subset_group(row) for row in rows], max_samples, subset_seed)]

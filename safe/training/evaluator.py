@@ -305,6 +305,8 @@ class Evaluator:
             audio_gain=captions["cider"] - muted_cider,
             **listen,
             audio_samples=len(predictions),
+            audio_split_samples=self.audio_val.split_size,
+            audio_listen_samples=len(shuffled) if listen["audio_listen_gain"] is not None else 0,
             audio_metrics_note=captions["note"],
             vl_base_accuracy=base_acc,
             vl_safe_accuracy=safe_acc,
@@ -315,6 +317,7 @@ class Evaluator:
                                                        seed=self.seed),
             vl_distractor_source=self.distractor_source,
             vl_samples=len(safe),
+            vl_split_samples=self.vqa_val.split_size,
         )
         return metrics
 

@@ -41,6 +41,7 @@ from safe.training.distributed import (
     average_tensors,
     barrier,
     broadcast_object,
+    gather_dict,
     init_distributed,
 )
 from safe.training.evaluator import Evaluator, distractor_features
@@ -318,6 +319,7 @@ class Trainer:
         self.step = 0
         self.saved_step, self.saved_at = -1, time.monotonic()
         self.history: list[dict] = []
+        self.unreported_skips: list[dict] = []  # a rank other than 0's unreadable samples, not yet sent to rank 0
         self.counters = {"nonfinite_skipped_steps": 0, "consecutive_nonfinite": 0, "skipped_samples": 0,
                          "audio_samples": 0, "train_seconds": 0.0}
         sinks = make_sinks(self.run_dir, train.tensorboard, train.wandb_project, self.config.to_dict()) \
@@ -348,6 +350,9 @@ class Trainer:
     def _set_state(self, state: str, **extra) -> None:
         if self.is_main:
             write_json_atomic(self.run_dir / "run_state.json", {"state": state, **extra})
+        elif state == "failed" and getattr(self, "run_dir", None) is not None:
+            # Rank 0 is usually killed by torchrun before it could say why: each rank records its own failure.
+            write_json_atomic(self.run_dir / f"run_state.rank{self.dist.rank}.json", {"state": state, **extra})
 
     def _trainer_state(self) -> dict:
         return {
@@ -362,8 +367,22 @@ class Trainer:
             "history": json.dumps(self.history),  # evaluations are recorded with their checkpoint
         }
 
+    def _collect_skips(self) -> None:
+        """Bring the other ranks' unreadable samples to rank 0, which counts them in metrics.json and logs them
+        (only rank 0 writes the log). A collective: every rank calls it at the same points."""
+        if not self.dist.enabled:
+            return
+        parts = gather_dict({self.dist.rank: self.unreported_skips}, self.dist)
+        self.unreported_skips = []
+        for rank, records in sorted(parts.items()):
+            if rank != self.dist.rank and self.is_main:
+                self.counters["skipped_samples"] += len(records)
+                for record in records:
+                    self.logger.log({"event": "skipped_sample", "rank": rank, **record})
+
     def save(self) -> None:
         """Rank 0 writes (all ranks hold the same trainable state); the others wait for it."""
+        self._collect_skips()  # before the counters are checkpointed
         # Cache entries this run computed reach the disk with the checkpoint, so a resumed run reads the same bits.
         for cache in (self.feature_cache, self.retention.base_work if self.retention is not None else None):
             if cache is not None:
@@ -435,6 +454,8 @@ class Trainer:
             self.counters["skipped_samples"] += len(collated.skipped)
             for bad in collated.skipped:
                 self.logger.log({"event": "skipped_sample", "step": self.step, **bad})
+                if not self.is_main:  # rank 0 counts and logs it at the next checkpoint or evaluation
+                    self.unreported_skips.append({"step": self.step, **bad})
             if collated.size:
                 return collated
         raise SafeError("No training sample could be loaded in 1000 batches; run `safe data validate`.")
@@ -519,6 +540,7 @@ class Trainer:
                             f"{self.run_dir}` to evaluate it again.") from exc
         self.history = [h for h in self.history if h.get("step") != self.step] + [metrics]
         self.logger.log({"event": "eval", **metrics})
+        self._collect_skips()
         mix = self.audio_stream.source_mix()
         if mix:  # flat keys (wavcaps_realised, ...) so the trackers plot the realised mix as well
             self.logger.log({"event": "source_mix", "step": self.step, **{
@@ -570,6 +592,7 @@ class Trainer:
         except BaseException as exc:
             self._fail(exc)
             raise
+        self._collect_skips()
         self.write_metrics(status)
         if self.is_main:
             write_plots(self.run_dir)

@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node=N tests/helpers/dist_worker.py CONFIG_JSON DUMP_DIR [STOP_AFTER]
 
-With STOP_AFTER the run checkpoints after that many steps and stops as a SIGTERM would make it.
+With STOP_AFTER the run checkpoints after that many steps and stops as a SIGTERM would make it. With
+SAFE_TEST_FAIL=RANK:STEP in the environment, that rank raises an error when it starts that step.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def main() -> None:
     dump = Path(sys.argv[2])
     stop_after = int(sys.argv[3]) if len(sys.argv) > 3 else None
     trainer = Trainer(build_config(cli_values=values))
+    if os.environ.get("SAFE_TEST_FAIL"):
+        rank, step = map(int, os.environ["SAFE_TEST_FAIL"].split(":"))
+        real_step = trainer.train_step
+
+        def failing_step():
+            if trainer.dist.rank == rank and trainer.step == step:
+                raise RuntimeError(f"injected failure on rank {rank}")
+            return real_step()
+
+        trainer.train_step = failing_step
     if stop_after is None:
         trainer.fit()
     else:

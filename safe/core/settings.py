@@ -139,23 +139,29 @@ def section_problems(section) -> list[str]:
     return problems
 
 
+ALL = "all"  # a flag's word for "no limit" (an evaluation over the whole split); the config holds None
 OFF = "off"  # a flag's word for a setting that None turns off; the config holds None
 
 
-def count_or_off(text: str):
-    """A count of at least 1, or 'off' (the flag's parser for a setting whose None means off: an absent flag is
-    None too, "not given", so the word is how a user turns off what the preset turns on)."""
+def count_or(word: str):
+    """A flag's parser: a count of at least 1, or ``word`` (ALL, OFF), which the command maps to None in the config.
+    An absent flag is None too ("not given": the YAML's or the preset's value applies), so the word is how a user
+    says None on the command line."""
     import argparse
 
-    if text.strip().lower() == OFF:
-        return OFF
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or '{OFF}', not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or '{OFF}')")
-    return value
+    def parse(text: str):
+        if text.strip().lower() == word:
+            return word
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or '{word}', not {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1 (or '{word}')")
+        return value
+
+    parse.__name__ = f"count or '{word}'"  # argparse names the type in its "invalid ... value" message
+    return parse
 
 
 def setting(default, help: str, **flag) -> Any:

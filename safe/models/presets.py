@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safe.core.errors import SafeError
-from safe.core.settings import count_or_off, setting
+from safe.core.settings import OFF, count_or, setting
 from safe.models.encoder_registry import ENCODERS, encoder_kind
 from safe.models.prompts import STYLES
 
@@ -40,7 +40,7 @@ class ModelConfig:
     num_audio_tokens: int = setting(8, "audio tokens per clip", default_text="the preset's: 16, tiny 8")
     pre_pool_steps: int | None = setting(None, "the projector's fixed pre-pool grid, which the feature cache stores "
                                          "(steps, or off)", default_text="the preset's: 32, tiny off",
-                                         type=count_or_off)
+                                         type=count_or(OFF))
     fusion: str = setting("xattn", "how audio reaches the LLM: gated cross-attention adapters or prefix tokens",
                           choices=FUSIONS)
     xattn_layers: list[int] | None = setting(None, "decoder layers that get an xattn adapter",

@@ -8,9 +8,8 @@ import os
 import types
 import typing
 
-from safe.core.settings import OFF
+from safe.core.settings import ALL, OFF
 from safe.training.config import (
-    ALL,
     PRESET_TRAIN_DEFAULTS,
     SECTIONS,
     RunConfig,

@@ -14,7 +14,7 @@ from typing import Any, cast
 import yaml
 
 from safe.core.errors import SafeError
-from safe.core.settings import BadSetting, checked_value, section_problems, setting
+from safe.core.settings import ALL, BadSetting, checked_value, count_or, section_problems, setting
 from safe.models.presets import ModelConfig, canonical_preset, preset_with
 
 DEFAULT_DATA_ROOT = "experiments/full_training/data"
@@ -36,22 +36,7 @@ def check_variant(name: str) -> str:
     return name
 
 
-ALL = "all"  # an evaluation limit meaning the whole split (None in the config)
-
-
-def eval_limit(text: str):
-    """A sample count, or 'all' for the whole split (the flag's parser)."""
-    import argparse
-
-    if text.strip().lower() == ALL:
-        return ALL
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1 (or 'all')")
-    return value
+eval_limit = count_or(ALL)  # a sample count, or 'all' for the whole split (the flag's parser)
 
 
 @dataclass

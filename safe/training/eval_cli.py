@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from safe.training.config import ALL, eval_limit
+from safe.core.settings import ALL
+from safe.training.config import eval_limit
 from safe.training.outputs import write_json_atomic
 
 

@@ -95,6 +95,9 @@ def test_the_pre_pool_grid_of_a_real_preset_can_be_turned_off_or_changed_from_th
     for bad in ("0", "none", "-4"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--pre-pool-steps", bad])
+    # The words are only words for the flags that take them: a run may be named "off" or "all".
+    named = config_from_args(parser.parse_args(["--run-name", "off", "--wandb-project", "all"]))
+    assert (named.train.run_name, named.train.wandb_project) == ("off", "all")
 
 
 def test_a_preset_is_a_model_config_and_config_json_records_the_whole_model():

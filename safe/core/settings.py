@@ -161,6 +161,7 @@ def count_or(word: str):
         return value
 
     parse.__name__ = f"count or '{word}'"  # argparse names the type in its "invalid ... value" message
+    parse.word = word  # type: ignore[attr-defined]  # how a command knows which flags take the word
     return parse
 
 

@@ -63,12 +63,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "parameters, memory, tokens, steps and time, check the data, and exit without training")
 
 
+def _word_flags() -> set[str]:
+    """Settings whose flag parser takes a word for None (safe.core.settings.count_or)."""
+    return {spec.name for section in SECTIONS for spec in dataclasses.fields(type(getattr(RunConfig(), section)))
+            if hasattr(spec.metadata.get("flag", {}).get("type"), "word")}
+
+
 CONTROL_FLAGS = {"config", "command", "subcommand", "_module", "verbose", "dry_run"}
 
 
 def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k not in CONTROL_FLAGS}
-    cleared = {k for k, v in values.items() if v in (ALL, OFF)}  # 'all' / 'off': None in the config
+    # 'all' / 'off' given to a flag that takes the word (not a run named "all"): None in the config.
+    cleared = {k for k, v in values.items() if v in (ALL, OFF) and k in _word_flags()}
     values = {k: None if k in cleared else v for k, v in values.items()}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
     if values.get("resume") is None and "preset" not in explicit_settings(yaml_values, values):

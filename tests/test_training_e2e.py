@@ -146,6 +146,36 @@ def test_sigterm_checkpoints_and_resume_finishes(toy_world, tmp_path):
     assert json.loads((run_dir / "run_state.json").read_text()) == {"state": "completed", "step": 400}
 
 
+def test_a_stop_asked_for_before_an_evaluation_step_defers_the_evaluation_to_the_resumed_run(toy_world, tmp_path):
+    # SLURM's USR1 comes a few minutes before the time limit; an evaluation started after it (minutes at 7B) could
+    # be killed half-way. The run checkpoints and stops; the resumed run evaluates that step first.
+    settings = dict(variant="no_retention", max_steps=4, eval_every=2, log_every=1)
+    first = Trainer(config(toy_world, tmp_path, **settings))
+    real_step = first.train_step
+
+    def step_then_stop():
+        record = real_step()
+        if first.step == 2:  # the signal arrives during the step that ends on an evaluation step
+            signal.raise_signal(signal.SIGTERM)
+        return record
+
+    first.train_step = step_then_stop
+    assert first.fit()["status"] == "interrupted"
+    run_dir = first.run_dir
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert not [r for r in log if r["event"] == "eval"]
+    assert json.loads((run_dir / "run_state.json").read_text()) == {"state": "interrupted", "step": 2}
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+
+    resumed = Trainer(config(toy_world, tmp_path, resume=str(run_dir), **settings))
+    assert resumed.fit()["status"] == "completed"
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    events = [(r["event"], r.get("step")) for r in log if r["event"] in ("resumed", "eval", "train")]
+    after = events[events.index(("resumed", 2)):]
+    assert after[:3] == [("resumed", 2), ("eval", 2), ("train", 3)]
+    assert [step for event, step in events if event == "eval"] == [2, 4]
+
+
 def test_user_mistakes_are_one_sentence(toy_world, tmp_path):
     result = safe_cli("train", "--variant", "best_retention", "--data-root", str(toy_world))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -632,11 +632,15 @@ class Trainer:
                 minutes = train.save_every_minutes
                 due = (save_every and self.step % save_every == 0) or \
                     (minutes and time.monotonic() - self.saved_at >= 60 * minutes)
-                if evaluate or any_true(bool(due), self.dist):
+                stopping = any_true(stop.signal is not None, self.dist)
+                if evaluate or stopping or any_true(bool(due), self.dist):
                     self.save()
-                if evaluate:
+                if evaluate and not stopping:
+                    # A stop asked for before it defers the evaluation (at 7B it can outlast SLURM's grace
+                    # period): the resumed run evaluates this step first.
                     self.evaluate()
-                if any_true(stop.signal is not None, self.dist):
+                    stopping = any_true(stop.signal is not None, self.dist)
+                if stopping:
                     if self.saved_step != self.step:
                         self.save()
                     status = "interrupted"

@@ -91,6 +91,8 @@ def test_the_pre_pool_grid_of_a_real_preset_can_be_turned_off_or_changed_from_th
 
     assert model().pre_pool_steps == 32                                # the preset's grid
     assert model("--pre-pool-steps", "off").pre_pool_steps is None     # off: the projector pools the raw sequence
+    assert "pre_pool_steps" in config_from_args(parser.parse_args(["--pre-pool-steps", "off"])).explicit  # a resume
+    # compares it with the saved run, as it does "--pre-pool-steps 48"
     assert model("--pre-pool-steps", "48").pre_pool_steps == 48
     for bad in ("0", "none", "-4"):
         with pytest.raises(SystemExit):

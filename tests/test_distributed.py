@@ -107,6 +107,8 @@ def test_a_run_resumed_on_fewer_processes_keeps_its_learning_rate_schedule(toy_w
     (kept,) = [r for r in log if r["event"] == "schedule_kept"]
     assert kept["saved"]["total_steps"] == 8 and kept["recomputed"]["total_steps"] == 15
     assert json.loads((run_dir / "run_state.json").read_text()) == {"state": "completed", "step": 8}
+    recorded = json.loads((run_dir / "metrics.json").read_text())["training"]["schedule_kept"]
+    assert recorded["step"] == 2 and recorded["saved"]["total_steps"] == 8 and recorded["world_size"] == 1
     lrs = [r["lr_projector"] for r in log if r["event"] == "train"]
     # Steps 3-8 (the first 2 ran outside the logging loop): the rate falls to 0 at step 8, the end of the 8-step
     # cosine (a 15-step one would still be near its middle).
@@ -117,13 +119,22 @@ def test_a_failure_on_another_rank_than_0_is_recorded_in_the_run_folder(toy_worl
     # torchrun stops the other ranks when one fails, so rank 0 cannot say why: the failing rank writes it.
     out, dump = tmp_path / "runs", tmp_path / "dump"
     config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(values(toy_world, out, variant="no_retention", max_steps=3)))
+    config_path.write_text(json.dumps(values(toy_world, out, variant="no_retention", max_steps=3, save_every=1)))
     failed = torchrun(2, config_path, dump, env={"SAFE_TEST_FAIL": "1:1"}, check=False, timeout=300)
     assert failed.returncode != 0
     run_dir = next(out.iterdir())
     state = json.loads((run_dir / "run_state.rank1.json").read_text())
     assert state["state"] == "failed" and state["step"] == 1
     assert state["error"] == "RuntimeError: injected failure on rank 1"
+
+    # Resumed, the note goes into the log and the file goes: no stale "failed" beside the finished run.
+    config_path.write_text(json.dumps(values(toy_world, out, variant="no_retention", max_steps=3, save_every=1,
+                                             resume=str(run_dir))))
+    torchrun(1, config_path, dump / "resumed")
+    assert not list(run_dir.glob("run_state.rank*.json"))
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    (earlier,) = [r for r in log if r["event"] == "earlier_rank_failure"]
+    assert earlier["file"] == "run_state.rank1.json" and earlier["error"] == state["error"]
 
 
 def test_unreadable_samples_on_every_rank_are_counted_and_logged_once(toy_world, tmp_path):

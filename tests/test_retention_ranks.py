@@ -28,8 +28,9 @@ def test_retention_steps_agree_across_ranks_and_keep_one_direction_per_sample(tm
     # The gate decision is rank 0's "open" on both ranks (a rank that skipped would hang the others).
     assert rank0["decision"] is True and rank1["decision"] is True
 
-    # Rank 0 had no finite sample and still joined the estimate: F is the mean over rank 1's two samples.
-    assert (rank0["fisher_used"], rank1["fisher_used"]) == (0, 2)
+    # Rank 0 had no finite sample and still joined the estimate: F is the mean over rank 1's two samples, and
+    # both ranks report the 2 samples behind it.
+    assert (rank0["fisher_used"], rank1["fisher_used"]) == (2, 2)
     expected = (SAMPLES[1][0] ** 2 + SAMPLES[1][1] ** 2) / 2
     assert torch.equal(rank0["fisher"], expected) and torch.equal(rank1["fisher"], expected)
 

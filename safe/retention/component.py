@@ -184,7 +184,7 @@ class Retention:
             return
         if self.fisher is not None and (self.fisher.fisher is None or step % self.settings.fisher_refresh == 0):
             used = self.fisher.estimate((functools.partial(self._nll, b) for b in self._fisher_batches(step)),
-                                        reduce=self.ranks.average)
+                                        ranks=self.ranks)
             self.log({"event": "fisher_refresh", "step": step, "samples": used, "kind": self.settings.fisher_kind})
         if self.null_space is not None and (self.null_space.basis is None
                                             or step % self.settings.null_space_refresh == 0):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from safe.retention.gates import is_gate
+from safe.retention.ranks import Ranks
 
 _COUNT = "\0samples"  # the sample count travels with the sums (no parameter has this name)
 
@@ -37,11 +38,11 @@ class FisherPenalty:
         self.anchor: dict[str, torch.Tensor] | None = None
         self.samples = 0
 
-    def estimate(self, sample_nlls: Iterable[Callable[[], torch.Tensor]], reduce=None) -> int:
+    def estimate(self, sample_nlls: Iterable[Callable[[], torch.Tensor]], ranks: Ranks | None = None) -> int:
         """F from per-sample negative log-likelihoods (each callable returns one sample's NLL, summed over its
-        answer tokens); the anchor becomes the current parameters. ``reduce`` averages a dict of tensors across
-        ranks: F is then the mean over every rank's samples. Returns the number of this rank's samples used
-        (non-finite ones are skipped); no estimate is taken when no rank has one."""
+        answer tokens); the anchor becomes the current parameters. With ``ranks``, F is the mean over every rank's
+        samples. Returns the number of samples behind F, over all ranks (non-finite ones are skipped); no estimate
+        is taken when no rank has one."""
         names = [n for n, p in self.params.items() if p.requires_grad]
         tensors = [self.params[n] for n in names]
         totals = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
@@ -57,15 +58,16 @@ class FisherPenalty:
             count += 1
         sums = dict(zip(names, totals))
         sums[_COUNT] = torch.tensor(float(count), device=totals[0].device if totals else None)
-        if reduce is not None:  # every rank reaches this collective, whatever its count: sums and counts alike
-            sums = reduce(sums)
-        samples = float(sums.pop(_COUNT))
-        if samples == 0:
+        world_size = 1
+        if ranks is not None:  # every rank reaches this collective, whatever its count: sums and counts alike
+            sums, world_size = ranks.average(sums), ranks.world_size
+        mean_count = float(sums.pop(_COUNT))
+        if mean_count == 0:
             return 0
-        self.fisher = {name: total / samples for name, total in sums.items()}
+        self.fisher = {name: total / mean_count for name, total in sums.items()}
         self.anchor = {name: self.params[name].detach().float().clone() for name in names}
-        self.samples = count
-        return count
+        self.samples = round(mean_count * world_size)
+        return self.samples
 
     def penalty(self) -> torch.Tensor:
         device = next(iter(self.params.values())).device

@@ -95,6 +95,8 @@ def config_from_args(args: argparse.Namespace):
     for key in cleared:  # set after the merge: a None flag means "not given"
         section = next(getattr(config, name) for name in SECTIONS if hasattr(getattr(config, name), key))
         setattr(section, key, None)
+    # Given, so a resume compares them with the saved run like any other setting (not silently ignored).
+    config.explicit = sorted(set(config.explicit) | cleared)
     return config
 
 

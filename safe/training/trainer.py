@@ -320,6 +320,7 @@ class Trainer:
         self.saved_step, self.saved_at = -1, time.monotonic()
         self.history: list[dict] = []
         self.unreported_skips: list[dict] = []  # a rank other than 0's unreadable samples, not yet sent to rank 0
+        self.schedule_kept: dict | None = None  # set when a resume on another number of GPUs kept the schedule
         self.counters = {"nonfinite_skipped_steps": 0, "consecutive_nonfinite": 0, "skipped_samples": 0,
                          "audio_samples": 0, "train_seconds": 0.0}
         sinks = make_sinks(self.run_dir, train.tensorboard, train.wandb_project, self.config.to_dict()) \
@@ -350,6 +351,12 @@ class Trainer:
     def _set_state(self, state: str, **extra) -> None:
         if self.is_main:
             write_json_atomic(self.run_dir / "run_state.json", {"state": state, **extra})
+            if state != "failed":  # a resumed or finished run: an earlier attempt's rank failures go into the log
+                for note in sorted(self.run_dir.glob("run_state.rank*.json")):
+                    if hasattr(self, "logger"):
+                        self.logger.log({"event": "earlier_rank_failure", "file": note.name,
+                                         **json.loads(note.read_text())})
+                    note.unlink(missing_ok=True)
         elif state == "failed" and getattr(self, "run_dir", None) is not None:
             # Rank 0 is usually killed by torchrun before it could say why: each rank records its own failure.
             write_json_atomic(self.run_dir / f"run_state.rank{self.dist.rank}.json", {"state": state, **extra})
@@ -397,17 +404,19 @@ class Trainer:
     def _keep_schedule(self, saved: dict | None) -> None:
         """A run resumed on another number of GPUs keeps its learning-rate schedule: with --num-epochs the step
         count follows the global batch, and recomputing it would move the cosine under the saved step (8 -> 4 GPUs
-        doubles it, so the rate climbs back up). Changing max_steps, num_epochs or warmup_steps on purpose
-        (--override-on-resume) still takes effect."""
-        if saved is None or any(key in self.overridden for key in ("max_steps", "num_epochs", "warmup_steps")):
+        doubles it, so the rate climbs back up). The price: the run then sees a different number of epochs than
+        --num-epochs, which metrics.json records (training.schedule_kept). Changing max_steps or num_epochs on
+        purpose (--override-on-resume) still takes effect."""
+        if saved is None or any(key in self.overridden for key in ("max_steps", "num_epochs")):
             return
         now = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
         if saved == now:
             return
         self.total_steps, self.warmup_steps = saved["total_steps"], saved["warmup_steps"]
         self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps)
-        self.logger.log({"event": "schedule_kept", "saved": saved, "recomputed": now,
-                         "world_size": self.dist.world_size})
+        self.schedule_kept = {"step": self.step, "saved": saved, "recomputed": now,
+                              "world_size": self.dist.world_size}
+        self.logger.log({"event": "schedule_kept", **self.schedule_kept})
         if self.is_main:
             print(f"resume: keeping the run's schedule ({saved['total_steps']} steps, {saved['warmup_steps']} of "
                   f"warm-up) rather than the {now['total_steps']} steps this number of GPUs would give")
@@ -567,6 +576,7 @@ class Trainer:
                          if self.retention is not None and self.retention.base_work is not None else None,
                          "wavcaps_dropped_overlap": self.data.wavcaps_dropped_overlap,
                          "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size(self.config),
+                         "schedule_kept": self.schedule_kept,
                          "source_mix": self.audio_stream.source_mix()},
             "throughput": {"samples_per_second": samples / seconds, "steps_per_second": self.step / seconds,
                            "seconds_per_step": seconds / max(self.step, 1)},
@@ -632,9 +642,9 @@ class Trainer:
                 minutes = train.save_every_minutes
                 due = (save_every and self.step % save_every == 0) or \
                     (minutes and time.monotonic() - self.saved_at >= 60 * minutes)
-                stopping = any_true(stop.signal is not None, self.dist)
-                if evaluate or stopping or any_true(bool(due), self.dist):
+                if evaluate or any_true(bool(due), self.dist) or any_true(stop.signal is not None, self.dist):
                     self.save()
+                stopping = any_true(stop.signal is not None, self.dist)  # asked for before or during the save
                 if evaluate and not stopping:
                     # A stop asked for before it defers the evaluation (at 7B it can outlast SLURM's grace
                     # period): the resumed run evaluates this step first.

@@ -32,7 +32,7 @@ def main() -> None:
     # Fisher: rank 0's only sample is non-finite, rank 1 has both of its own.
     fisher = FisherPenalty({"w": w})
     xs = [torch.full((4,), float("nan"))] if info.rank == 0 else SAMPLES[1]
-    used = fisher.estimate([functools.partial(lambda x: (w * x).sum(), x) for x in xs], reduce=ranks.average)
+    used = fisher.estimate([functools.partial(lambda x: (w * x).sum(), x) for x in xs], ranks=ranks)
 
     # Null space: sample i is owned by rank i % 2, whose own sample i it is.
     projector = NullSpaceProjector({"w": w}, rank=2)

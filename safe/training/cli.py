@@ -15,6 +15,7 @@ from safe.training.config import (
     RunConfig,
     build_config,
     explicit_settings,
+    field_index,
     load_yaml,
     preset_train_defaults,
 )
@@ -75,7 +76,8 @@ CONTROL_FLAGS = {"config", "command", "subcommand", "_module", "verbose", "dry_r
 def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k not in CONTROL_FLAGS}
     # 'all' / 'off' given to a flag that takes the word (not a run named "all"): None in the config.
-    cleared = {k for k, v in values.items() if v in (ALL, OFF) and k in _word_flags()}
+    words = _word_flags()
+    cleared = {k for k, v in values.items() if v in (ALL, OFF) and k in words}
     values = {k: None if k in cleared else v for k, v in values.items()}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else None
     if values.get("resume") is None and "preset" not in explicit_settings(yaml_values, values):
@@ -93,8 +95,7 @@ def config_from_args(args: argparse.Namespace):
                 print(f"model: {chosen} (the default on real data; --model-config chooses another, tiny included)")
     config = build_config(yaml_values, values)
     for key in cleared:  # set after the merge: a None flag means "not given"
-        section = next(getattr(config, name) for name in SECTIONS if hasattr(getattr(config, name), key))
-        setattr(section, key, None)
+        setattr(getattr(config, field_index()[key]), key, None)
     # Given, so a resume compares them with the saved run like any other setting (not silently ignored).
     config.explicit = sorted(set(config.explicit) | cleared)
     return config

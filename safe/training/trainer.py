@@ -381,11 +381,12 @@ class Trainer:
             return
         parts = gather_dict({self.dist.rank: self.unreported_skips}, self.dist)
         self.unreported_skips = []
-        for rank, records in sorted(parts.items()):
-            if rank != self.dist.rank and self.is_main:
-                self.counters["skipped_samples"] += len(records)
-                for record in records:
-                    self.logger.log({"event": "skipped_sample", "rank": rank, **record})
+        if not self.is_main:
+            return
+        for rank, records in sorted(parts.items()):  # rank 0's own list is empty: it logged its skips as they came
+            self.counters["skipped_samples"] += len(records)
+            for record in records:
+                self.logger.log({"event": "skipped_sample", "rank": rank, **record})
 
     def save(self) -> None:
         """Rank 0 writes (all ranks hold the same trainable state); the others wait for it."""
@@ -642,7 +643,7 @@ class Trainer:
                 minutes = train.save_every_minutes
                 due = (save_every and self.step % save_every == 0) or \
                     (minutes and time.monotonic() - self.saved_at >= 60 * minutes)
-                if evaluate or any_true(bool(due), self.dist) or any_true(stop.signal is not None, self.dist):
+                if evaluate or any_true(bool(due), self.dist):
                     self.save()
                 stopping = any_true(stop.signal is not None, self.dist)  # asked for before or during the save
                 if evaluate and not stopping:
